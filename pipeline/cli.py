@@ -1,0 +1,123 @@
+"""`discomv <stage|run|status|compact|demo>`; the Makefile targets are thin wrappers over this."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import ConfigError, RunConfig, describe, load_config
+
+log = logging.getLogger("discomv")
+
+
+def _options_text(section: str, cls: type) -> str:
+    lines = [f"config options (set in YAML under '{section}:' or with --set {section}.KEY=VALUE):"]
+    for name, type_name, default, help_text in describe(cls):
+        lines.append(f"  {section}.{name} ({type_name}, default {default!r})\n      {help_text}")
+    return "\n".join(lines)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (sections: run, ingest, download, ...)")
+    p.add_argument(
+        "--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one option; repeatable, e.g. --set download.rate_limit=2M",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stages import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="discomv",
+        description="Build DISCO-MV-style video→music training sets: ingest → download → filter → ... → shards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_options_text("run", RunConfig),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, stage_cls in STAGES.items():
+        doc = (stage_cls.__module__ and sys.modules[stage_cls.__module__].__doc__ or "").strip()
+        p = sub.add_parser(
+            name, help=doc.splitlines()[0] if doc else name, description=doc,
+            epilog=_options_text(name, stage_cls.Config),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(p)
+    p = sub.add_parser("run", help="run every stage in order (or --from/--to)")
+    _common(p)
+    p.add_argument("--from", dest="first", choices=list(STAGES), help="first stage")
+    p.add_argument("--to", dest="last", choices=list(STAGES), help="last stage")
+    p = sub.add_parser("status", help="one-screen summary of the manifests: counts per status and reason")
+    _common(p)
+    p = sub.add_parser("compact", help="rewrite each stage manifest as one part file (latest row per key)")
+    _common(p)
+    p.add_argument("stages", nargs="*", help="stages to compact (default: all)")
+    p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
+    p.add_argument("--out", default="demo", help="demo working folder (default: demo/)")
+    p.add_argument("--videos", type=int, default=12, help="number of synthetic videos")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s discomv: %(message)s", datefmt="%H:%M:%S",
+    )
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from pipeline.models import WeightsNotFound
+        from pipeline.stage import MissingDependency
+        from stages.ingest import InputError
+
+        if isinstance(e, (InputError, MissingDependency, WeightsNotFound)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_stage
+    from pipeline.summary import print_status
+    from stages import STAGES
+
+    if args.command == "demo":
+        from pipeline.demo import run_demo
+
+        return run_demo(args.out, n_videos=args.videos, progress=not args.no_progress)
+    cfg = load_config(args.config, args.overrides)
+    if args.command in STAGES:
+        run_stage(args.command, cfg, progress=not args.no_progress)
+        return 0
+    if args.command == "run":
+        names = list(STAGES)
+        first = names.index(args.first) if args.first else 0
+        last = names.index(args.last) if args.last else len(names) - 1
+        for name in names[first : last + 1]:
+            run_stage(name, cfg, progress=not args.no_progress)
+        print_status(cfg)
+        return 0
+    if args.command == "status":
+        print_status(cfg)
+        return 0
+    if args.command == "compact":
+        from pipeline.manifest import ManifestStore
+
+        store = ManifestStore(cfg.run.manifest_root)
+        for name in args.stages or list(store.stages()):
+            parts, rows = store.compact(name)
+            print(f"{name}: {parts} part files → 1 ({rows} rows)")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

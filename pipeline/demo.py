@@ -1,0 +1,119 @@
+"""`discomv demo`: an offline end-to-end run on synthetic music videos served from 127.0.0.1.
+
+It makes the corpus with ffmpeg (moving scenes, a looped still, a near-identical slideshow, music
+with a synthetic voice), a few broken entries (404, an HTML page, a truncated file, audio only, an
+ftp:// URL), lists them in a DISCO-10M-style Parquet and a URL list, and runs every registered stage
+with real yt-dlp against the local server.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline import synth
+from pipeline.localserver import LocalServer
+
+log = logging.getLogger("discomv")
+DEMO_PORT = 18765
+
+# Per-stage settings of the offline demo; only sections of registered stages are written.
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {
+    "download": {"allow_private_hosts": True, "retries": 1, "backoff_s": 0.2, "concurrency": 2},
+    "filter": {"embedder": "pixels"},
+}
+
+
+def make_corpus(source_dir: Path, n_videos: int, duration_s: float = 20.0) -> list[dict[str, Any]]:
+    """Videos and broken files under `source_dir`; returns (relative path, kind, title) entries."""
+    source_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n_videos):
+        kind = synth.KINDS[i % len(synth.KINDS)]
+        path = source_dir / f"mv{i:03d}_{kind}.mp4"
+        if not path.exists():
+            tmp = path.with_name("tmp_" + path.name)
+            synth.make_video(tmp, kind, duration_s, seed=i)
+            tmp.with_suffix(".voice.wav").unlink(missing_ok=True)
+            tmp.rename(path)
+        entries.append({"file": path.name, "kind": kind, "title": f"Synthetic {kind} music video #{i}"})
+    broken = {
+        "truncated.mp4": lambda p: synth.make_truncated(source_dir / entries[0]["file"], p),
+        "audio_only.mp4": synth.make_audio_only,
+        "video_only.mp4": synth.make_video_only,
+    }
+    for name, make in broken.items():
+        if not (source_dir / name).exists():
+            make(source_dir / name)
+        entries.append({"file": name, "kind": name.removesuffix(".mp4"), "title": f"Broken: {name}"})
+    (source_dir / "page.html").write_text("<html><body><h1>Not a video</h1></body></html>\n")
+    entries.append({"file": "page.html", "kind": "html", "title": "An HTML page"})
+    entries.append({"file": "status/404/gone.mp4", "kind": "404", "title": "A removed video"})
+    return entries
+
+
+def write_disco_parquet(path: Path, base_url: str, entries: list[dict[str, Any]]) -> Path:
+    """A table with DISCO-10M's published column names (values synthetic)."""
+    n = len(entries)
+    table = pa.table({
+        "video_url_youtube": [f"{base_url}/{e['file']}" for e in entries],
+        "video_title_youtube": [e["title"] for e in entries],
+        "video_duration_youtube_sec": [20.0] * n,
+        "track_name_spotify": [f"Track {i}" for i in range(n)],
+        "primary_artist_name_spotify": [f"Artist {i % 5}" for i in range(n)],
+        "artist_id_spotify": [[f"artist{i % 5:03d}"] for i in range(n)],
+        "track_id_spotify": [f"track{i:05d}" for i in range(n)],
+        "similarity_duration": [0.9] * n,
+        "similarity_audio": [0.8] * n,
+        "preview_url_spotify": [None] * n,
+    })
+    pq.write_table(table, path)
+    return path
+
+
+def write_config(work: Path, inputs: list[str]) -> Path:
+    from stages import STAGES
+
+    config: dict[str, Any] = {
+        "run": {
+            "manifest_root": str(work / "manifests"),
+            "media_root": str(work / "media"),
+            "shard_root": str(work / "shards"),
+            "weights": "random",
+        },
+        "ingest": {"inputs": inputs},
+    }
+    config.update({name: s for name, s in DEMO_SETTINGS.items() if name in STAGES})
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_demo(out: str, n_videos: int = 12, progress: bool = True) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+    from pipeline.summary import print_status
+    from stages import STAGES
+
+    work = Path(out).resolve()
+    log.info("demo: making %d synthetic music videos in %s", n_videos, work / "source")
+    entries = make_corpus(work / "source", n_videos)
+    # A fixed port keeps URLs, and so keys, stable across demo re-runs (a re-run does nothing).
+    with LocalServer(work / "source", port=DEMO_PORT) as server:
+        parquet = write_disco_parquet(work / "disco10m_demo.parquet", server.url, entries)
+        urls = work / "urls.txt"
+        urls.write_text(f"{server.url}/{entries[1]['file']}\nftp://example.org/song.mp4\n")
+        config_path = write_config(work, [f"disco10m={parquet}", f"urls={urls}"])
+        cfg = load_config(config_path)
+        log.info("demo: serving %s on %s; config %s", work / "source", server.url, config_path)
+        for name in STAGES:
+            run_stage(name, cfg, progress=progress)
+    print_status(cfg)
+    print(f"\nmanifests: {work / 'manifests'}   media: {work / 'media'}")
+    print(f"next: make status CONFIG={config_path}   (or any stage: make filter CONFIG={config_path})")
+    return 0

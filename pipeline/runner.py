@@ -1,0 +1,271 @@
+"""Runs one Stage over its pending rows on Ray Data and appends results durably to its manifest.
+
+pending = rows ok in the upstream manifest − keys whose latest row here has the same stage
+version and params hash. Results stream back to the driver and are written as atomic part files
+every `run.flush_rows` rows (or few seconds), so a kill loses at most the in-flight rows and a
+re-run redoes only those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
+from pipeline.stage import FAILED, STATUSES, Result, Row, SourceStage, Stage
+
+log = logging.getLogger("discomv")
+FLUSH_SECONDS = 3.0
+
+
+@dataclass
+class RunSummary:
+    stage: str
+    total: int = 0
+    already_done: int = 0
+    processed: int = 0
+    seconds: float = 0.0
+    statuses: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+
+    def line(self) -> str:
+        if self.processed == 0:
+            return (
+                f"{self.stage}: nothing to do — {self.already_done} of {self.total} rows already "
+                "done with this stage version and params"
+            )
+        counts = ", ".join(f"{s}={self.statuses[s]}" for s in STATUSES if self.statuses[s])
+        rate = self.processed / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.stage}: processed {self.processed} rows ({counts}) in {self.seconds:.1f}s "
+            f"[{rate:.2f} rows/s]; {self.already_done} already done"
+        )
+
+
+def stage_params_hash(stage: Stage) -> str:
+    return params_hash({"stage": stage.name, "version": stage.version, **stage.params()})
+
+
+def upstream_chain(stage_cls: type[Stage]) -> list[str]:
+    from stages import STAGES
+
+    chain: list[str] = []
+    up = stage_cls.upstream
+    while up:
+        chain.insert(0, up)
+        up = STAGES[up].upstream
+    return chain
+
+
+def input_rows(stage: Stage, store: ManifestStore) -> list[Row]:
+    """Rows a stage works on: its source files, or upstream-ok keys with every upstream stage's
+    own columns merged (the upstream chain)."""
+    if isinstance(stage, SourceStage):
+        return stage.source_rows()
+    chain = upstream_chain(type(stage))
+    latest = {name: store.latest_rows(name) for name in chain}
+    rows = []
+    for key in store.ok_keys(chain[-1]):
+        row: Row = {"key": key}
+        for name in chain:
+            prev = latest[name].get(key)
+            if prev:
+                row.update({k: v for k, v in prev.items() if k not in COMMON_NAMES})
+        rows.append(row)
+    return rows
+
+
+def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, progress: bool = True) -> RunSummary:
+    from stages import STAGES
+
+    stage_cls = stage_cls or STAGES[name]
+    stage = stage_cls(cfg.stage(name), cfg.run)
+    store = ManifestStore(cfg.run.manifest_root)
+    phash = stage_params_hash(stage)
+    rows = input_rows(stage, store)
+    done = store.done_keys(name, stage.version, phash, retry_failed=cfg.run.retry_failed)
+    pending = [r for r in rows if r["key"] not in done]
+    summary = RunSummary(stage=name, total=len(rows), already_done=len(rows) - len(pending))
+    if not pending:
+        log.info(summary.line())
+        return summary
+
+    schema = full_schema(stage.schema)
+    run_id = uuid.uuid4().hex[:12]
+    started = time.perf_counter()
+    buffer: list[dict[str, Any]] = []
+    last_flush = time.monotonic()
+    bar = _progress(len(pending), name, progress)
+    for result in _execute(stage_cls, cfg, name, pending):
+        result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)
+        buffer.append(result)
+        summary.statuses[result["status"]] += 1
+        if result["status"] != "ok":
+            summary.reasons[f"{result['status']}: {reason_class(result['reason'])}"] += 1
+        bar.update(1)
+        if len(buffer) >= cfg.run.flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
+            store.append(name, schema, buffer)
+            buffer, last_flush = [], time.monotonic()
+    store.append(name, schema, buffer)
+    bar.close()
+    summary.processed = sum(summary.statuses.values())
+    summary.seconds = time.perf_counter() - started
+    log.info(summary.line())
+    return summary
+
+
+def reason_class(reason: str | None) -> str:
+    """`class: message` reasons group by their class."""
+    return (reason or "").split(":", 1)[0]
+
+
+def _progress(total: int, name: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit="row", disable=not enabled, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- Ray execution
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    context = ray.init(
+        address=address or None,
+        num_cpus=None if address else num_cpus,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    url = getattr(context, "dashboard_url", None)
+    where = f"cluster {address}" if address else "embedded Ray on this machine"
+    log.info("ray: %s%s", where, f"; dashboard http://{url}" if url else "")
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.execution_options.preserve_order = False
+
+
+def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row]):
+    import ray.data
+
+    ensure_ray(cfg.run.num_cpus)
+    stage = stage_cls(cfg.stage(name), cfg.run)
+    res = stage.resources
+    items = [{"row": json.dumps(r, default=str)} for r in pending]
+    blocks = max(1, min(len(items), -(-len(items) // res.batch_size)))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    config_json = json.dumps(cfg.as_dict())
+    common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
+    if res.concurrency:
+        ds = ds.map_batches(
+            StageWorker,
+            fn_constructor_args=(stage_cls, name, config_json),
+            concurrency=res.concurrency,
+            max_restarts=3,
+            max_task_retries=3,
+            **common,
+        )
+    else:
+        ds = ds.map_batches(
+            _process_in_task, fn_args=(stage_cls, name, config_json), max_retries=3, **common
+        )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for blob in batch["result"]:
+            result = json.loads(blob)
+            result["finished_at"] = datetime.fromisoformat(result["finished_at"])
+            yield result
+
+
+class StageWorker:
+    """Runs inside a Ray task or actor: builds the stage once, then processes batches."""
+
+    def __init__(self, stage_cls: type[Stage], name: str, config_json: str) -> None:
+        from pipeline.config import load_config_dict
+
+        cfg = load_config_dict(json.loads(config_json))
+        self.stage = stage_cls(cfg.stage(name), cfg.run)
+        self.stage.setup()
+        self.allowed = set(stage_cls.schema.names)
+        self.node = _node_id()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = [json.loads(r) for r in batch["row"]]
+        results = self.process_safely(rows)
+        return {"result": [json.dumps(r, default=str) for r in results]}
+
+    def process_safely(self, rows: list[Row]) -> list[dict[str, Any]]:
+        """One result per row, whatever the stage does: a batch that raises is retried row by
+        row, and a row that raises on its own is recorded as failed with the error."""
+        started = time.perf_counter()
+        try:
+            results = self.stage.process(rows)
+            per_row = (time.perf_counter() - started) / max(1, len(rows))
+            return self._finish(rows, results, per_row)
+        except Exception:
+            if len(rows) == 1:
+                err = traceback.format_exc(limit=3).strip().splitlines()[-1]
+                log.warning("%s failed on %s: %s", self.stage.name, rows[0].get("key"), err)
+                return self._finish(rows, [Result.failed(rows[0]["key"], f"error: {err}")], 0.0)
+            return [r for row in rows for r in self.process_safely([row])]
+
+    def _finish(self, rows: list[Row], results: list[Result], per_row: float) -> list[dict[str, Any]]:
+        by_key = {r.key: r for r in results}
+        expected = [r["key"] for r in rows]
+        if set(by_key) - set(expected):
+            raise RuntimeError(f"stage {self.stage.name} returned unknown keys {set(by_key) - set(expected)}")
+        now = datetime.now(timezone.utc).isoformat()
+        out = []
+        for key in expected:
+            result = by_key.get(key) or Result.failed(key, "error: stage returned no result")
+            unknown = set(result.metrics) - self.allowed - {"elapsed_s", "weights"}
+            if unknown:
+                raise RuntimeError(f"stage {self.stage.name} returned columns not in its schema: {unknown}")
+            if result.status not in STATUSES:
+                raise RuntimeError(f"stage {self.stage.name} returned status {result.status!r}")
+            record = asdict(result)
+            metrics = record.pop("metrics")
+            record.update(metrics)
+            record.setdefault("elapsed_s", per_row)
+            record.setdefault("weights", getattr(self.stage, "weights_stamp", "none"))
+            record["finished_at"] = now
+            record["node"] = self.node
+            out.append(record)
+        return out
+
+
+_WORKERS: dict[tuple[int, str, str], StageWorker] = {}
+
+
+def _process_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str) -> dict[str, Any]:
+    # Ray reuses worker processes, so a stage built once per process is reused across tasks.
+    key = (id(stage_cls), name, config_json)
+    if key not in _WORKERS:
+        _WORKERS[key] = StageWorker(stage_cls, name, config_json)
+    return _WORKERS[key](batch)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # outside Ray (unit tests of the worker)
+        return "local"
+
+
+__all__ = ["run_stage", "RunSummary", "StageWorker", "ensure_ray", "FAILED"]

@@ -1,0 +1,101 @@
+"""The one contract every stage implements; the spine (runner, manifest) owns everything else."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+Row = dict[str, Any]
+
+OK, DROPPED, FAILED = "ok", "dropped", "failed"
+STATUSES = (OK, DROPPED, FAILED)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs. `concurrency=None` runs stateless Ray tasks;
+    an int runs that many long-lived actors (models loaded once per actor)."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    batch_size: int = 8
+    concurrency: int | None = None
+
+
+@dataclass
+class Result:
+    """One outcome per input row. `metrics` keys are columns of the stage's manifest schema."""
+
+    key: str
+    status: str
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def ok(cls, key: str, **metrics: Any) -> Result:
+        return cls(key, OK, "", metrics)
+
+    @classmethod
+    def dropped(cls, key: str, reason: str, **metrics: Any) -> Result:
+        return cls(key, DROPPED, reason, metrics)
+
+    @classmethod
+    def failed(cls, key: str, reason: str, **metrics: Any) -> Result:
+        return cls(key, FAILED, reason, metrics)
+
+
+class MissingDependency(RuntimeError):
+    pass
+
+
+class Stage:
+    """A pure function of a batch of manifest rows -> result rows (plus artifacts on storage).
+
+    Subclasses set the class attributes, define a `Config` dataclass (its fields are the
+    stage's options) and implement `process`. A stage never imports ray, never writes a
+    manifest and never decides what is pending.
+    """
+
+    name: ClassVar[str]
+    upstream: ClassVar[str | None]
+    version: ClassVar[str]
+    schema: ClassVar[pa.Schema]  # the stage's own manifest columns
+    requires: ClassVar[tuple[str, ...]] = ()  # importable modules, checked at construction
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any, run: Any) -> None:
+        self.config = config
+        self.run = run
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingDependency(
+                f"stage '{self.name}' needs {', '.join(missing)}: run `make setup` "
+                f"(or `pip install -e .`)"
+            )
+
+    @property
+    def resources(self) -> Resources:
+        return Resources()
+
+    def params(self) -> dict[str, Any]:
+        """Options that change the stage's outputs; their hash decides what is redone."""
+        return {}
+
+    def setup(self) -> None:
+        """Load models once per worker."""
+
+    def process(self, rows: list[Row]) -> list[Result]:
+        raise NotImplementedError
+
+
+class SourceStage(Stage):
+    """The first stage: its rows come from input files, not from an upstream manifest."""
+
+    upstream: ClassVar[str | None] = None
+
+    def source_rows(self) -> list[Row]:
+        """Read the inputs into raw rows, each with a unique `key`."""
+        raise NotImplementedError
