@@ -1,10 +1,11 @@
 """A small HTTP server on 127.0.0.1 that stands in for YouTube in the demo and tests: it serves a
 folder, answers `/status/CODE/...` with that HTTP status, `/flaky/N/FILE` with 503 for the first N
-requests, and counts requests per path (to prove resumed runs don't fetch again)."""
+requests, `/slow/MS/FILE` after a delay, and counts requests per path (to prove resumed runs don't fetch again)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,9 @@ class _Handler(SimpleHTTPRequestHandler):
             if seen <= int(parts[1]):
                 self.send_error(503)
                 return True
+            self.path = "/" + "/".join(parts[2:])
+        if parts[0] == "slow" and len(parts) >= 3 and parts[1].isdigit():
+            time.sleep(int(parts[1]) / 1000)
             self.path = "/" + "/".join(parts[2:])
         return False
 

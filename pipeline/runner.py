@@ -170,20 +170,18 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     blocks = max(1, min(len(items), -(-len(items) // res.batch_size)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     config_json = json.dumps(cfg.as_dict())
+    # A worker or actor that dies mid-batch is retried by Ray Data's defaults (actors restart,
+    # their tasks retry); a row is recorded only when its batch's results reach the driver.
     common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
     if res.concurrency:
         ds = ds.map_batches(
             StageWorker,
             fn_constructor_args=(stage_cls, name, config_json),
-            concurrency=res.concurrency,
-            max_restarts=3,
-            max_task_retries=3,
+            compute=ray.data.ActorPoolStrategy(size=res.concurrency),
             **common,
         )
     else:
-        ds = ds.map_batches(
-            _process_in_task, fn_args=(stage_cls, name, config_json), max_retries=3, **common
-        )
+        ds = ds.map_batches(_process_in_task, fn_args=(stage_cls, name, config_json), **common)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for blob in batch["result"]:
             result = json.loads(blob)

@@ -66,6 +66,7 @@ ERROR_CLASSES = [
     (r"confirm your age|age-restricted", "age_restricted", False),
     (r"Video unavailable|has been removed|account .* terminated|not available|copyright", "unavailable", False),
     (r"Unsupported URL", "unsupported", False),
+    (r"Did not get any data blocks", "empty_file", False),
     (r"Requested format is not available", "no_format", False),
     (r"HTTP Error 4\d\d", "client_error", False),
 ]

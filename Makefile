@@ -1,0 +1,47 @@
+# Thin wrappers over the `discomv` CLI.  make <target> CONFIG=path.yaml SET="section.key=value ..."
+PYTHON ?= python3
+CONFIG ?=
+SET ?=
+ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+STAGES = ingest download filter
+
+.PHONY: setup apt pip demo test lint run status compact weights bench $(STAGES)
+
+setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
+
+apt:
+	@if command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null; then \
+	  echo "apt: ffmpeg, espeak-ng, sox present"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng sox; \
+	else \
+	  echo "need ffmpeg, espeak-ng, sox: sudo apt-get install -y ffmpeg espeak-ng sox"; exit 1; \
+	fi
+
+pip:
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+demo:  ## offline end-to-end demo on synthetic music videos served from 127.0.0.1
+	discomv demo --out demo
+
+test:  ## lint + the whole test suite
+	ruff check .
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check .
+
+$(STAGES):
+	discomv $@ $(ARGS)
+
+run:  ## every stage in order
+	discomv run $(ARGS)
+
+status:
+	discomv status $(ARGS)
+
+compact:
+	discomv compact $(ARGS)
+
+bench:
+	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done

@@ -1,0 +1,74 @@
+"""Shared fixtures: media made at test time with ffmpeg, a 127.0.0.1 server, an embedded Ray."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import synth
+from pipeline.config import Config, load_config_dict
+from pipeline.localserver import LocalServer
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Short synthetic videos and broken files, made once per test session."""
+    d = tmp_path_factory.mktemp("media")
+    synth.make_video(d / "moving.mp4", "moving", duration_s=6, seed=1, size="160x120")
+    synth.make_video(d / "still.mp4", "still", duration_s=6, seed=2, size="160x120")
+    synth.make_audio_only(d / "audio_only.mp4", duration_s=4)
+    synth.make_video_only(d / "video_only.mp4", duration_s=4)
+    synth.make_truncated(d / "moving.mp4", d / "truncated.mp4")
+    (d / "page.html").write_text("<html><body>not a video</body></html>")
+    (d / "empty.mp4").write_bytes(b"")
+    return d
+
+
+@pytest.fixture(scope="session")
+def server(media_dir: Path):
+    with LocalServer(media_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    from pipeline.runner import ensure_ray
+
+    ensure_ray(2)
+    yield
+
+
+def make_config(tmp_path: Path, inputs: list[str], **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "run": {
+            "manifest_root": str(tmp_path / "manifests"),
+            "media_root": str(tmp_path / "media"),
+            "shard_root": str(tmp_path / "shards"),
+            "weights": "random",
+            "flush_rows": 4,
+        },
+        "ingest": {"inputs": inputs},
+        "download": {"allow_private_hosts": True, "backoff_s": 0.05, "backoff_max_s": 0.2, "concurrency": 2},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return load_config_dict(raw)
+
+
+def write_lines(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def copy_many(source: Path, folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        target = folder / f"v{i:03d}.mp4"
+        if not target.exists():
+            shutil.copyfile(source, target)
+        names.append(f"{folder.name}/{target.name}")
+    return names

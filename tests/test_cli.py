@@ -1,0 +1,56 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from stages import STAGES
+
+
+def test_help_lists_every_stage_and_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name in STAGES:
+        assert name in out
+    assert "run.manifest_root" in out
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_help_documents_its_options(stage, capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit):
+        main([stage, "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(STAGES[stage].Config):
+        assert f"{stage}.{f.name}" in out
+
+
+def test_bad_config_exits_2_naming_the_key(capsys):
+    assert main(["download", "--set", "download.concurency=3"]) == 2
+    assert "download.concurency" in capsys.readouterr().err
+
+
+def test_bad_input_exits_2_with_message(tmp_path: Path, capsys):
+    code = main(["ingest", "--set", f"ingest.inputs=[{tmp_path / 'missing.parquet'}]",
+                 "--set", f"run.manifest_root={tmp_path}"])
+    assert code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_demo_runs_offline_end_to_end(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
+        capture_output=True, timeout=600,
+    )
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"manifests: {tmp_path / 'demo' / 'manifests'}" in out
+    for line in ("ingest", "download", "not_found", "unsupported", "truncated", "no_audio_stream", "bad_url"):
+        assert line in out
+    rerun = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
+        capture_output=True, timeout=600,
+    )
+    assert "download: nothing to do" in rerun.stdout.decode() + rerun.stderr.decode()
