@@ -5,7 +5,7 @@ SET ?=
 ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 STAGES = ingest download filter
 
-.PHONY: setup apt pip demo test lint run status compact weights bench $(STAGES)
+.PHONY: setup apt pip demo test lint run audit status compact weights bench $(STAGES)
 
 setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
 
@@ -37,11 +37,17 @@ $(STAGES):
 run:  ## every stage in order
 	discomv run $(ARGS)
 
+audit:  ## funnel, terminal states, reasons; writes <manifest_root>/audit.parquet
+	discomv audit $(ARGS)
+
 status:
 	discomv status $(ARGS)
 
 compact:
 	discomv compact $(ARGS)
+
+weights:  ## download real weights (needs network) and pin their sha256 in models/weights.lock.json
+	discomv weights $(ARGS)
 
 bench:
 	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done

@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compact", help="rewrite each stage manifest as one part file (latest row per key)")
     _common(p)
     p.add_argument("stages", nargs="*", help="stages to compact (default: all)")
+    p = sub.add_parser("audit", help="join every manifest: funnel, terminal states, reasons; SQL; one key's lineage")
+    _common(p)
+    p.add_argument("--sql", help="duckdb SQL over views `audit` (joined) and one per stage, e.g. "
+                   "\"select terminal, count(*) from audit group by 1\"")
+    p.add_argument("--key", help="print the full lineage of one key across stages")
+    p.add_argument("--out", help="write the joined table as Parquet (default <manifest_root>/audit.parquet)")
+    p = sub.add_parser("weights", help="download every stage's real weights into run.models_root and pin sha256")
+    _common(p)
     p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
     p.add_argument("--out", default="demo", help="demo working folder (default: demo/)")
     p.add_argument("--videos", type=int, default=12, help="number of synthetic videos")
@@ -116,7 +124,55 @@ def _dispatch(args: argparse.Namespace) -> int:
             parts, rows = store.compact(name)
             print(f"{name}: {parts} part files → 1 ({rows} rows)")
         return 0
+    if args.command == "audit":
+        return run_audit(args, cfg)
+    if args.command == "weights":
+        return fetch_all_weights(cfg)
     raise AssertionError(args.command)
+
+
+def run_audit(args: argparse.Namespace, cfg) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from pipeline import audit
+    from pipeline.manifest import ManifestStore
+
+    store = ManifestStore(cfg.run.manifest_root)
+    if args.sql:
+        Console().print(audit.query(store, args.sql).to_pandas().to_string(index=False))
+        return 0
+    if args.key:
+        rows = audit.lineage(store, args.key)
+        if not rows:
+            print(f"no rows for key {args.key!r} in {store.root}", file=sys.stderr)
+            return 1
+        console = Console()
+        for row in rows:
+            head = f"[b]{row['stage']}[/b] {row['status']} {row['reason'] or ''} ({row['finished_at']:%Y-%m-%d %H:%M:%S}, "
+            head += f"v{row['stage_version']}, weights={row['weights']}, node={row['node']})"
+            console.print(head)
+            skip = {"stage", "status", "reason", "finished_at", "stage_version", "weights", "node", "key"}
+            for name, value in row.items():
+                if name not in skip and value not in (None, "", []):
+                    console.print(f"    {name}: {value}", highlight=False)
+        return 0
+    audit.print_audit(store, Path(args.out) if args.out else store.root / "audit.parquet")
+    return 0
+
+
+def fetch_all_weights(cfg) -> int:
+    from pipeline.models import models_root, pin
+    from stages import STAGES
+
+    root = models_root(cfg.run.models_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, stage_cls in STAGES.items():
+        for model, path in stage_cls(cfg.stage(name), cfg.run).fetch_weights(root):
+            print(f"{name}: {model} → {path} sha256 {pin(root, model, path)}")
+    print(f"pinned in {root / 'weights.lock.json'}")
+    return 0
 
 
 if __name__ == "__main__":

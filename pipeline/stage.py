@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -86,6 +87,11 @@ class Stage:
 
     def setup(self) -> None:
         """Load models once per worker."""
+
+    def fetch_weights(self, root: Path) -> list[tuple[str, Path]]:
+        """Download this stage's real weights under `root` (needs network); returns
+        (model name, file) pairs for `discomv weights` to pin by sha256."""
+        return []
 
     def process(self, rows: list[Row]) -> list[Result]:
         raise NotImplementedError

@@ -1,0 +1,147 @@
+"""`discomv audit`: every stage's manifest joined into one table (latest row per key), where each
+candidate ends (exactly one terminal state), SQL over it with duckdb, and one key's lineage."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.manifest import COMMON_NAMES, ManifestStore
+from pipeline.runner import reason_class
+
+PREFIXED = sorted(COMMON_NAMES - {"key"})  # status, reason, ... become <stage>_status, ...
+
+
+def stage_names() -> list[str]:
+    from stages import STAGES
+
+    return list(STAGES)
+
+
+def audit_table(store: ManifestStore) -> pa.Table | None:
+    """One row per candidate: every stage's latest row, common columns prefixed by the stage name,
+    plus `terminal` — where the candidate ends: `<status> at <stage>`, `pending at <stage>`, or
+    `ok through <last stage>`."""
+    import duckdb
+
+    names = [n for n in stage_names() if store.latest(n) is not None]
+    if not names:
+        return None
+    con = duckdb.connect()
+    for name in names:
+        table = store.latest(name)
+        renamed = [f"{name}_{c}" if c in PREFIXED else c for c in table.column_names]
+        con.register(f"m_{name}", table.rename_columns(renamed))
+    joins = " ".join(f"LEFT JOIN m_{n} USING (key)" for n in names[1:])
+    joined = con.sql(f"SELECT * FROM m_{names[0]} {joins} ORDER BY key").to_arrow_table()
+    statuses = {n: joined.column(f"{n}_status").to_pylist() for n in names}
+    terminal = [_terminal(i, statuses, stage_names()) for i in range(joined.num_rows)]
+    return joined.append_column("terminal", pa.array(terminal, pa.string()))
+
+
+def _terminal(i: int, statuses: dict[str, list[Any]], order: list[str]) -> str:
+    reached = None
+    for name in order:
+        status = statuses[name][i] if name in statuses else None
+        if status is None:
+            return f"pending at {name}"
+        if status != "ok":
+            return f"{status} at {name}"
+        reached = name
+    return f"ok through {reached}"
+
+
+def query(store: ManifestStore, sql: str) -> pa.Table:
+    """Run SQL with `audit` (the joined table) and each stage's manifest (by stage name) as views."""
+    import duckdb
+
+    con = duckdb.connect()
+    table = audit_table(store)
+    if table is None:
+        raise ValueError(f"no manifests under {store.root}: run a stage first")
+    con.register("audit", table)
+    for name in stage_names():
+        latest = store.latest(name)
+        if latest is not None:
+            con.register(name, latest)
+    return con.sql(sql).to_arrow_table()
+
+
+def lineage(store: ManifestStore, key: str) -> list[dict[str, Any]]:
+    """Every row ever written for `key`, stage by stage, oldest first (history included)."""
+    out = []
+    for name in stage_names():
+        table = store.read(name)
+        if table is None:
+            continue
+        rows = [r for r in table.to_pylist() if r["key"] == key]
+        for row in sorted(rows, key=lambda r: r["finished_at"]):
+            out.append({"stage": name, **row})
+    return out
+
+
+def summarize(table: pa.Table) -> dict[str, Any]:
+    """Funnel counts, hours and failure reasons by class and source."""
+    rows = table.to_pylist()
+    names = [n for n in stage_names() if f"{n}_status" in table.column_names]
+    funnel = {n: sum(r[f"{n}_status"] == "ok" for r in rows) for n in names}
+    hours = {
+        "listed (ingest)": sum(r.get("duration_s") or 0 for r in rows) / 3600,
+        "downloaded": sum(r.get("media_duration_s") or 0 for r in rows if r.get("download_status") == "ok") / 3600,
+    }
+    reasons: Counter = Counter()
+    for r in rows:
+        for n in names:
+            status = r[f"{n}_status"]
+            if status in ("failed", "dropped"):
+                reasons[(n, status, reason_class(r[f"{n}_reason"]), r.get("source"))] += 1
+    return {
+        "candidates": len(rows),
+        "funnel": funnel,
+        "terminal": Counter(r["terminal"] for r in rows),
+        "hours": hours,
+        "reasons": reasons,
+    }
+
+
+def print_audit(store: ManifestStore, out: Path | None) -> pa.Table | None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = audit_table(store)
+    console = Console()
+    if table is None:
+        console.print(f"no manifests under {store.root}: run a stage first")
+        return None
+    s = summarize(table)
+    funnel = Table(title=f"discomv audit — {s['candidates']} candidates")
+    funnel.add_column("stage")
+    funnel.add_column("ok", justify="right")
+    funnel.add_column("of candidates", justify="right")
+    for name, ok in s["funnel"].items():
+        funnel.add_row(name, str(ok), f"{ok / max(1, s['candidates']):.1%}")
+    console.print(funnel)
+    ends = Table(title="where each candidate ends (sums to the candidates)")
+    ends.add_column("terminal state")
+    ends.add_column("count", justify="right")
+    for state, n in sorted(s["terminal"].items()):
+        ends.add_row(state, str(n))
+    ends.add_row("[b]total[/b]", f"[b]{sum(s['terminal'].values())}[/b]")
+    console.print(ends)
+    reasons = Table(title="drops and failures by class and source")
+    for col in ("stage", "status", "class", "source", "count"):
+        reasons.add_column(col, justify="right" if col == "count" else "left")
+    for (stage, status, cls, source), n in s["reasons"].most_common():
+        reasons.add_row(stage, status, cls, str(source), str(n))
+    console.print(reasons)
+    console.print("hours: " + ", ".join(f"{k} {v:.2f} h" for k, v in s["hours"].items()))
+    if out:
+        import pyarrow.parquet as pq
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out)
+        console.print(f"audit table: {out} ({table.num_rows} rows × {table.num_columns} columns)")
+    return table
