@@ -96,3 +96,35 @@ def test_only_http_urls_reach_yt_dlp(url):
 ])
 def test_error_classes(message, expected):
     assert classify(message) == expected
+
+
+def make_stage(tmp_path: Path, **download):
+    from stages.download import Download
+
+    cfg = make_config(tmp_path, ["x"], download=download)
+    stage = Download(cfg.stage("download"), cfg.run)
+    stage.setup()
+    return stage
+
+
+def test_options_are_passed_through_to_yt_dlp(tmp_path: Path):
+    stage = make_stage(tmp_path, rate_limit="2M", concurrency=4, cookies_file="c.txt", proxy="http://p:3128",
+                       user_agent="discomv-test", sections="*10-70")
+    opts = stage._ydl_options("yt_dQw4w9WgXcQ")
+    assert opts["ratelimit"] == 2 * 1024 * 1024 // 4
+    assert opts["cookiefile"] == "c.txt" and opts["proxy"] == "http://p:3128"
+    assert opts["http_headers"] == {"User-Agent": "discomv-test"}
+    assert opts["outtmpl"]["default"].endswith("video/yt_dQw4w9WgXcQ.%(ext)s")
+    assert callable(opts["download_ranges"]) and callable(opts["match_filter"])
+
+
+def test_circuit_breaker_pauses_when_most_recent_attempts_fail(tmp_path: Path, monkeypatch):
+    stage = make_stage(tmp_path, breaker_window=4, breaker_threshold=0.75, breaker_cooldown_s=7)
+    slept = []
+    monkeypatch.setattr("stages.download.time.sleep", slept.append)
+    stage.recent.extend([True, True, False, False])
+    stage._wait_if_breaker_open()
+    assert slept == []
+    stage.recent.extend([True, True, True])  # the last 4 are now F T T T: 75% transient failures
+    stage._wait_if_breaker_open()
+    assert slept == [7] and len(stage.recent) == 0
