@@ -37,8 +37,8 @@ $(STAGES):
 run:  ## every stage in order
 	discomv run $(ARGS)
 
-audit:  ## funnel, terminal states, reasons; writes <manifest_root>/audit.parquet
-	discomv audit $(ARGS)
+audit:  ## funnel, terminal states, reasons; audit.parquet, report.html, DATASET_CARD.md
+	discomv audit $(ARGS) --html report.html --card DATASET_CARD.md
 
 status:
 	discomv status $(ARGS)

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "\"select terminal, count(*) from audit group by 1\"")
     p.add_argument("--key", help="print the full lineage of one key across stages")
     p.add_argument("--out", help="write the joined table as Parquet (default <manifest_root>/audit.parquet)")
+    p.add_argument("--html", help="write a self-contained HTML report with plots to this path")
+    p.add_argument("--card", help="write a Markdown dataset card to this path")
     p = sub.add_parser("weights", help="download every stage's real weights into run.models_root and pin sha256")
     _common(p)
     p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
@@ -158,7 +160,15 @@ def run_audit(args: argparse.Namespace, cfg) -> int:
                 if name not in skip and value not in (None, "", []):
                     console.print(f"    {name}: {value}", highlight=False)
         return 0
-    audit.print_audit(store, Path(args.out) if args.out else store.root / "audit.parquet")
+    table = audit.print_audit(store, Path(args.out) if args.out else store.root / "audit.parquet")
+    if table is not None and (args.html or args.card):
+        from pipeline import report
+
+        if args.html:
+            threshold = getattr(cfg.stages.get("filter"), "threshold", None)
+            print(f"report: {report.write_html(table, Path(args.html), threshold)}")
+        if args.card:
+            print(f"dataset card: {report.write_card(table, Path(args.card))}")
     return 0
 
 
