@@ -107,9 +107,10 @@ class ManifestStore:
         return {} if table is None else {r["key"]: r for r in table.to_pylist()}
 
     def done_keys(
-        self, stage: str, version: str, phash: str, retry_failed: bool = False
+        self, stage: str, version: str, phash: str, retry_failed: bool = False, by: str = "key"
     ) -> set[str]:
-        """Keys whose latest row was made by this stage version with these params."""
+        """Keys (or, for a fan-out stage, `by="video_key"`: inputs) whose latest rows were made by
+        this stage version with these params."""
         table = self.latest(stage)
         if table is None:
             return set()
@@ -118,7 +119,7 @@ class ManifestStore:
         )
         if retry_failed:
             mask = pc.and_(mask, pc.not_equal(table["status"], FAILED))
-        return set(table.filter(mask).column("key").to_pylist())
+        return set(table.filter(mask).column(by).to_pylist())
 
     def ok_keys(self, stage: str) -> list[str]:
         table = self.latest(stage)

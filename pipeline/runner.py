@@ -71,15 +71,19 @@ def input_rows(stage: Stage, store: ManifestStore) -> list[Row]:
     own columns merged (the upstream chain)."""
     if isinstance(stage, SourceStage):
         return stage.source_rows()
+    from stages import STAGES
+
     chain = upstream_chain(type(stage))
     latest = {name: store.latest_rows(name) for name in chain}
+    fan_out = next((i for i, name in enumerate(chain) if STAGES[name].fans_out), len(chain))
     rows = []
     for key in store.ok_keys(chain[-1]):
         row: Row = {"key": key}
-        for name in chain:
-            prev = latest[name].get(key)
+        for name in reversed(chain):  # clip-level stages first: they name the clip's video
+            lookup = key if chain.index(name) >= fan_out else row.get("video_key", key)
+            prev = latest[name].get(lookup)
             if prev:
-                row.update({k: v for k, v in prev.items() if k not in COMMON_NAMES})
+                row.update({k: v for k, v in prev.items() if k not in COMMON_NAMES and k not in row})
         rows.append(row)
     return rows
 
@@ -92,7 +96,9 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     store = ManifestStore(cfg.run.manifest_root)
     phash = stage_params_hash(stage)
     rows = input_rows(stage, store)
-    done = store.done_keys(name, stage.version, phash, retry_failed=cfg.run.retry_failed)
+    done = store.done_keys(
+        name, stage.version, phash, retry_failed=cfg.run.retry_failed, by="video_key" if stage.fans_out else "key"
+    )
     pending = [r for r in rows if r["key"] not in done]
     summary = RunSummary(stage=name, total=len(rows), already_done=len(rows) - len(pending))
     if not pending:
@@ -105,13 +111,17 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
     bar = _progress(len(pending), name, progress)
-    for result in _execute(stage_cls, cfg, name, pending):
-        result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)
-        buffer.append(result)
-        summary.statuses[result["status"]] += 1
-        if result["status"] != "ok":
-            summary.reasons[f"{result['status']}: {reason_class(result['reason'])}"] += 1
-        bar.update(1)
+    # Flush only between batches: a fan-out stage's rows for one input are then never split
+    # across parts, so an input is either wholly recorded or wholly redone.
+    for batch in _execute(stage_cls, cfg, name, pending):
+        inputs = {r.get("video_key", r["key"]) if stage.fans_out else r["key"] for r in batch}
+        for result in batch:
+            result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)
+            summary.statuses[result["status"]] += 1
+            if result["status"] != "ok":
+                summary.reasons[f"{result['status']}: {reason_class(result['reason'])}"] += 1
+        buffer.extend(batch)
+        bar.update(len(inputs))
         if len(buffer) >= cfg.run.flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
             store.append(name, schema, buffer)
             buffer, last_flush = [], time.monotonic()
@@ -183,10 +193,10 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     else:
         ds = ds.map_batches(_process_in_task, fn_args=(stage_cls, name, config_json), **common)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob in batch["result"]:
-            result = json.loads(blob)
+        results = [json.loads(blob) for blob in batch["result"]]
+        for result in results:
             result["finished_at"] = datetime.fromisoformat(result["finished_at"])
-            yield result
+        yield results
 
 
 class StageWorker:
@@ -218,18 +228,31 @@ class StageWorker:
             if len(rows) == 1:
                 err = traceback.format_exc(limit=3).strip().splitlines()[-1]
                 log.warning("%s failed on %s: %s", self.stage.name, rows[0].get("key"), err)
-                return self._finish(rows, [Result.failed(rows[0]["key"], f"error: {err}")], 0.0)
+                key = rows[0]["key"]
+                fan_out = {"video_key": key} if self.stage.fans_out else {}
+                return self._finish(rows, [Result.failed(key, f"error: {err}", **fan_out)], 0.0)
             return [r for row in rows for r in self.process_safely([row])]
 
+    def _check_fan_out(self, expected: list[str], results: list[Result]) -> list[Result]:
+        """Each result names its input in `video_key`; an input without results gets a failed row."""
+        seen = {r.metrics.get("video_key") for r in results}
+        if seen - set(expected):
+            raise RuntimeError(f"stage {self.stage.name} returned rows for unknown inputs {seen - set(expected)}")
+        missing = [Result.failed(k, "error: stage returned no result", video_key=k) for k in expected if k not in seen]
+        return results + missing
+
     def _finish(self, rows: list[Row], results: list[Result], per_row: float) -> list[dict[str, Any]]:
-        by_key = {r.key: r for r in results}
         expected = [r["key"] for r in rows]
-        if set(by_key) - set(expected):
-            raise RuntimeError(f"stage {self.stage.name} returned unknown keys {set(by_key) - set(expected)}")
+        if self.stage.fans_out:
+            results = self._check_fan_out(expected, results)
+        else:
+            by_key = {r.key: r for r in results}
+            if set(by_key) - set(expected):
+                raise RuntimeError(f"stage {self.stage.name} returned unknown keys {set(by_key) - set(expected)}")
+            results = [by_key.get(k) or Result.failed(k, "error: stage returned no result") for k in expected]
         now = datetime.now(timezone.utc).isoformat()
         out = []
-        for key in expected:
-            result = by_key.get(key) or Result.failed(key, "error: stage returned no result")
+        for result in results:
             unknown = set(result.metrics) - self.allowed - {"elapsed_s", "weights"}
             if unknown:
                 raise RuntimeError(f"stage {self.stage.name} returned columns not in its schema: {unknown}")

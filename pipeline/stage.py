@@ -65,6 +65,10 @@ class Stage:
     version: ClassVar[str]
     schema: ClassVar[pa.Schema]  # the stage's own manifest columns
     requires: ClassVar[tuple[str, ...]] = ()  # importable modules, checked at construction
+    # True: one input row → several results (video → clips). Each result's metrics then carry
+    # `video_key` (the input's key), which must be a column of the schema; an input that yields
+    # nothing must still return one result keyed by itself (e.g. dropped: too_short).
+    fans_out: ClassVar[bool] = False
     Config: ClassVar[type]
 
     def __init__(self, config: Any, run: Any) -> None:
