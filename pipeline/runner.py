@@ -84,6 +84,7 @@ def input_rows(stage: Stage, store: ManifestStore) -> list[Row]:
             prev = latest[name].get(lookup)
             if prev:
                 row.update({k: v for k, v in prev.items() if k not in COMMON_NAMES and k not in row})
+                row.setdefault("upstream_weights", {})[name] = prev.get("weights")
         rows.append(row)
     return rows
 

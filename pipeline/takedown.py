@@ -1,0 +1,83 @@
+"""`discomv takedown KEY...`: remove videos (or single clips) from the shards and mark them in the
+manifests, so no later run brings them back. Only the affected shards are rewritten."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.manifest import ManifestStore
+from pipeline.shard_index import (
+    HashingFile,
+    read_shards,
+    sidecar_path,
+    split_member,
+    write_index,
+    write_sidecar,
+)
+
+
+def matches(clip_key: str, keys: set[str]) -> bool:
+    """A clip matches its own key or its video's (`{video}_{NNN}`)."""
+    return clip_key in keys or clip_key.rsplit("_", 1)[0] in keys
+
+
+def remove_from_shards(root: Path, keys: set[str]) -> dict[str, list[str]]:
+    """Rewrite each shard holding a matching sample without it. Returns {shard: removed keys}.
+
+    The new tar replaces the old one before its sidecar does: a kill in between leaves a sidecar
+    that still lists the removed keys, so running the takedown again finishes the job.
+    """
+    import tarfile
+
+    import webdataset as wds
+
+    shards = read_shards(root, clean=True)
+    removed: dict[str, list[str]] = {}
+    for name, info in sorted(shards.items()):
+        gone = [k for k in info.keys if matches(k, keys)]
+        if not gone:
+            continue
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(root / name, "r:") as tar:
+            for member in tar:
+                key, ext = split_member(member.name)
+                if not matches(key, keys):
+                    samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+        if not samples:
+            (root / name).unlink()
+            sidecar_path(root, name).unlink()
+            del shards[name]
+        else:
+            tmp = root / (name + ".tmp")
+            sink = HashingFile(tmp)
+            writer = wds.TarWriter(sink, encoder=False, mtime=0)
+            for sample in samples.values():
+                writer.write(sample)
+            writer.close()
+            sink.close()
+            info.keys = list(samples)
+            info.bytes, info.sha256 = sink.size, sink.sha.hexdigest()
+            os.replace(tmp, root / name)
+            write_sidecar(root, info)
+        removed[name] = gone
+    write_index(root, shards)
+    return removed
+
+
+def mark_in_manifests(store: ManifestStore, keys: set[str], stages: list[str]) -> int:
+    """Append a `dropped: takedown` row (same stage version and params) for every matching key of
+    every stage, so pending computations never pick them up again. Returns rows written."""
+    now = datetime.now(timezone.utc)
+    written = 0
+    for name in stages:
+        latest = store.latest(name)
+        if latest is None:
+            continue
+        rows = [r for r in latest.to_pylist() if matches(r["key"], keys) and r["status"] != "dropped"]
+        for row in rows:
+            row.update(status="dropped", reason=f"takedown: requested {now:%Y-%m-%d}", finished_at=now, run_id="takedown")
+        store.append(name, latest.schema, rows)
+        written += len(rows)
+    return written

@@ -1,0 +1,227 @@
+"""shards: clips that passed every stage → WebDataset tar shards `{split}-{NNNNNN}.tar`.
+
+Written with webdataset's `TarWriter` (plain tar, members `{key}.{ext}`, readable by any
+WebDataset/wids/HF `datasets` reader) rather than Ray Data's `write_webdataset`, because we need
+what that writer doesn't give: size-bounded shards split by artist, a temp name renamed only when
+the shard is complete, sha256 computed while writing, and a sidecar index per shard so a re-run
+after a kill finds finished samples instead of writing them twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import ConfigError, option
+from pipeline.shard_index import (
+    HashingFile,
+    ShardError,
+    ShardInfo,
+    check_key,
+    next_shard_number,
+    npy_bytes,
+    read_shards,
+    write_index,
+    write_sidecar,
+)
+from pipeline.stage import Resources, Result, Row, Stage
+
+log = logging.getLogger("discomv")
+STEPS = 500
+ARTIFACT_COLUMNS = ("tokens_path", "features_path")
+
+
+@dataclass
+class ShardsConfig:
+    max_bytes: int = option(1_000_000_000, "start a new shard before it would exceed this many bytes")
+    max_samples: int = option(2000, "at most this many samples per shard (also the writer's batch)")
+    train_fraction: float = option(0.9, "fraction of artists in train (by hash of the artist)")
+    val_fraction: float = option(0.05, "fraction of artists in val; test gets the rest")
+    heldout_keys: str | None = option(None, "file of video or clip keys forced into `heldout_split`")
+    heldout_split: str = option("test", "split for held-out keys: val | test")
+    include_flac: bool = option(False, "add the clip's 32 kHz instrumental as `flac`")
+    include_mp4: bool = option(False, "add the clip re-encoded small as `mp4`")
+    mp4_height: int = option(128, "height of the optional mp4")
+
+
+class Shards(Stage):
+    name = "shards"
+    upstream = "features"
+    version = "1"
+    Config = ShardsConfig
+    requires = ("webdataset",)
+    schema = pa.schema([("shard", pa.string()), ("split", pa.string()), ("sample_bytes", pa.int64())])
+
+    def __init__(self, config: ShardsConfig, run: Any) -> None:
+        super().__init__(config, run)
+        if config.heldout_split not in ("val", "test"):
+            raise ConfigError(f"config key 'shards.heldout_split' must be val or test, got {config.heldout_split!r}")
+        if not 0 <= config.train_fraction + config.val_fraction <= 1:
+            raise ConfigError("config keys 'shards.train_fraction' + 'shards.val_fraction' must be within [0, 1]")
+
+    @property
+    def resources(self) -> Resources:
+        # One writer: shard numbers and index.parquet have a single owner.
+        return Resources(num_cpus=1, batch_size=self.config.max_samples, concurrency=1)
+
+    def params(self) -> dict[str, Any]:
+        c = self.config
+        return {"train": c.train_fraction, "val": c.val_fraction, "heldout": _file_digest(c.heldout_keys),
+                "heldout_split": c.heldout_split, "flac": c.include_flac, "mp4": c.include_mp4,
+                "mp4_height": c.mp4_height}
+
+    def setup(self) -> None:
+        self.root = Path(self.run.shard_root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.heldout = _read_keys(self.config.heldout_keys)
+
+    def process(self, rows: list[Row]) -> list[Result]:
+        shards = read_shards(self.root, clean=True)
+        where = {key: info for info in shards.values() for key in info.keys}
+        results, todo = [], {}
+        for row in rows:
+            key = row["key"]
+            if key in where:  # written by a run that was killed before recording it
+                results.append(Result.ok(key, shard=where[key].shard, split=where[key].split))
+                continue
+            try:
+                todo.setdefault(self.split_for(row), []).append((key, self.build_sample(row)))
+            except (ShardError, OSError, ValueError) as e:
+                results.append(Result.failed(key, str(e) if ":" in str(e) else f"bad_sample: {e}"))
+        for split, samples in todo.items():
+            for info, sizes in self.write_split(split, samples):
+                shards[info.shard] = info
+                results += [Result.ok(k, shard=info.shard, split=split, sample_bytes=sizes[k]) for k in info.keys]
+        write_index(self.root, shards)
+        return results
+
+    def split_for(self, row: Row) -> str:
+        if row["key"] in self.heldout or row.get("video_key") in self.heldout:
+            return self.config.heldout_split
+        artist = row.get("artist_id") or row.get("artist") or row.get("video_key") or row["key"]
+        fraction = int(hashlib.sha256(str(artist).encode()).hexdigest()[:8], 16) / 0x100000000
+        if fraction < self.config.train_fraction:
+            return "train"
+        return "val" if fraction < self.config.train_fraction + self.config.val_fraction else "test"
+
+    def build_sample(self, row: Row) -> dict[str, bytes]:
+        key = check_key(row["key"])
+        for column in ARTIFACT_COLUMNS:
+            if not row.get(column) or not Path(row[column]).is_file():
+                raise ShardError(f"missing_artifact: {column} {row.get(column)!r} not found")
+        tokens = np.load(row["tokens_path"], allow_pickle=False)
+        hiera = np.load(row["features_path"], allow_pickle=False)
+        sample = {
+            "__key__": key,
+            "tokens.npy": npy_bytes(tokens.astype(np.int16, copy=False)),
+            "hiera.npy": npy_bytes(hiera.astype(np.float16, copy=False)),
+            **{f"{name}.npy": npy_bytes(array) for name, array in beat_arrays(row).items()},
+            "json": json.dumps(provenance(row), default=str, ensure_ascii=False).encode(),
+        }
+        if self.config.include_flac:
+            sample["flac"] = clip_flac(row)
+        if self.config.include_mp4:
+            sample["mp4"] = clip_mp4(row, self.config.mp4_height)
+        return sample
+
+    def write_split(self, split: str, samples: list[tuple[str, dict[str, bytes]]]):
+        """Yield (ShardInfo, bytes per key) for each finished shard of these samples."""
+        import webdataset as wds
+
+        pending = list(samples)
+        while pending:
+            number = next_shard_number(self.root, split)
+            name = f"{split}-{number:06d}.tar"
+            tmp = self.root / (name + ".tmp")
+            sink = HashingFile(tmp)
+            writer = wds.TarWriter(sink, encoder=False, mtime=0)
+            info, sizes = ShardInfo(name, split), {}
+            while pending and len(info.keys) < self.config.max_samples:
+                key, sample = pending[0]
+                size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")
+                if info.keys and sink.size + size > self.config.max_bytes:
+                    break
+                writer.write(sample)
+                info.keys.append(key)
+                sizes[key] = size
+                pending.pop(0)
+            writer.close()
+            sink.close()
+            info.bytes, info.sha256 = sink.size, sink.sha.hexdigest()
+            write_sidecar(self.root, info)  # sidecar first: a final tar always has its index entry
+            os.replace(tmp, self.root / name)
+            log.info("shards: wrote %s (%d samples, %.1f MB)", name, info.num_samples, info.bytes / 1e6)
+            yield info, sizes
+
+
+def beat_arrays(row: Row) -> dict[str, np.ndarray]:
+    arrays = {
+        "music_beats": np.asarray(row.get("music_beats") or [], dtype=np.int8),
+        "video_beats": np.asarray(row.get("video_beats") or [], dtype=np.int8),
+        "beat_weights": np.asarray(row.get("beat_weights") or [], dtype=np.float32),
+    }
+    for name, array in arrays.items():
+        if array.shape != (STEPS,):
+            raise ShardError(f"missing_beats: {name} has shape {array.shape}, expected ({STEPS},)")
+    return arrays
+
+
+PROVENANCE_SKIP = {"music_beats", "video_beats", "beat_weights", "also_in", "input_file", "input_row"}
+
+
+def provenance(row: Row) -> dict[str, Any]:
+    """Everything upstream stages recorded about this clip except bulky arrays and local paths."""
+    info = {k: v for k, v in row.items() if k not in PROVENANCE_SKIP and not k.endswith("_path")}
+    stamps = row.get("upstream_weights") or {}
+    info["weights"] = "random-init" if "random-init" in stamps.values() else "pretrained"
+    return info
+
+
+def clip_flac(row: Row) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    path = row.get("instrumental32k_path")
+    if not path or not Path(path).is_file():
+        raise ShardError(f"missing_artifact: instrumental32k_path {path!r} not found")
+    with sf.SoundFile(path) as f:
+        rate = f.samplerate
+        want = int(round((row["end_s"] - row["start_s"]) * rate))
+        f.seek(min(int(round(row["start_s"] * rate)), f.frames))
+        audio = f.read(want, dtype="float32")
+    if len(audio) < want:  # a padded last clip: silence past the end of the track
+        audio = np.pad(audio, [(0, want - len(audio))] + [(0, 0)] * (audio.ndim - 1))
+    buf = io.BytesIO()
+    sf.write(buf, audio, rate, format="FLAC")
+    return buf.getvalue()
+
+
+def clip_mp4(row: Row, height: int) -> bytes:
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-ss", str(row["start_s"]), "-t", str(row["end_s"] - row["start_s"]),
+           "-i", str(row["video_path"]), "-vf", f"scale=-2:{height}", "-c:v", "libx264", "-preset", "veryfast",
+           "-crf", "30", "-c:a", "aac", "-b:a", "64k", "-movflags", "frag_keyframe+empty_moov", "-f", "mp4", "-"]
+    out = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    if out.returncode != 0 or not out.stdout:
+        raise ShardError(f"clip_encode: ffmpeg could not cut the clip ({out.stderr.decode()[-200:]})")
+    return out.stdout
+
+
+def _read_keys(path: str | None) -> set[str]:
+    if not path:
+        return set()
+    lines = Path(path).read_text().split()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+def _file_digest(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else None

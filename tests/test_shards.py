@@ -1,0 +1,216 @@
+"""Shards: written by the stage, read back by webdataset, wids and HF datasets unmodified; verify
+catches corruption; a kill mid-write then a re-run gives every clip once; takedown."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.manifest import ManifestStore, full_schema
+from pipeline.shard_index import read_shards, verify
+from pipeline.takedown import mark_in_manifests, remove_from_shards
+from stages.shards import Shards, ShardsConfig
+
+ARTISTS = ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"]
+
+
+def clip_rows(folder: Path, videos: int = 12, clips: int = 3) -> list[dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for v in range(videos):
+        for c in range(clips):
+            key = f"yt_vid{v:08d}_{c:03d}"
+            tokens, feats = folder / f"{key}.tokens.npy", folder / f"{key}.hiera.npy"
+            np.save(tokens, rng.integers(0, 2048, (4, 500)).astype(np.int16))
+            np.save(feats, rng.standard_normal((96, 64)).astype(np.float16))
+            beats = (np.arange(500) % 25 == 0).astype(int).tolist()
+            rows.append({
+                "key": key, "video_key": key[:-4], "artist": ARTISTS[v % len(ARTISTS)], "title": "t ../../x",
+                "url": f"https://example.org/{v}", "license": "cc-by", "start_s": 10.0 * c, "end_s": 10.0 * c + 10,
+                "tokens_path": str(tokens), "features_path": str(feats), "music_beats": beats,
+                "video_beats": beats, "beat_weights": [1.0 + b for b in beats],
+                "upstream_weights": {"tokens": "random-init"},
+            })
+    return rows
+
+
+def make_stage(tmp_path: Path, **shards) -> Shards:
+    run = RunConfig(shard_root=str(tmp_path / "shards"), manifest_root=str(tmp_path / "m"))
+    stage = Shards(ShardsConfig(**shards), run)
+    stage.setup()
+    return stage
+
+
+@pytest.fixture
+def written(tmp_path: Path):
+    rows = clip_rows(tmp_path / "art")
+    stage = make_stage(tmp_path, max_samples=10)
+    results = stage.process(rows)
+    return tmp_path, stage, rows, results
+
+
+def test_every_clip_is_in_exactly_one_shard(written):
+    _, stage, rows, results = written
+    assert [r.status for r in results] == ["ok"] * len(rows)
+    shards = read_shards(stage.root)
+    keys = [k for info in shards.values() for k in info.keys]
+    assert sorted(keys) == sorted(r["key"] for r in rows)
+    assert all(info.num_samples <= 10 for info in shards.values())
+    report = verify(stage.root, {r["key"] for r in rows})
+    assert report.ok, report.faults
+    assert report.samples == len(rows)
+
+
+def test_splits_keep_each_artist_in_one_split(written):
+    _, stage, rows, results = written
+    split_of = {r.key: r.metrics["split"] for r in results}
+    by_artist: dict[str, set] = {}
+    for row in rows:
+        by_artist.setdefault(row["artist"], set()).add(split_of[row["key"]])
+    assert all(len(splits) == 1 for splits in by_artist.values())
+    names = {info.shard for info in read_shards(stage.root).values()}
+    assert all(n.split("-")[0] in ("train", "val", "test") and n.endswith(".tar") for n in names)
+
+
+def test_heldout_keys_go_to_their_split(tmp_path: Path):
+    rows = clip_rows(tmp_path / "art", videos=4)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("yt_vid00000001\n")
+    stage = make_stage(tmp_path, heldout_keys=str(heldout), heldout_split="val", train_fraction=1.0, val_fraction=0.0)
+    splits = {r.key: r.metrics["split"] for r in stage.process(rows)}
+    assert {k for k, s in splits.items() if s == "val"} == {f"yt_vid00000001_{c:03d}" for c in range(3)}
+
+
+def test_webdataset_reads_back_with_default_decoders(written):
+    import webdataset as wds
+
+    tmp_path, stage, rows, _ = written
+    urls = sorted(str(p) for p in stage.root.glob("*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == len(rows)
+    first = next(s for s in samples if s["__key__"] == rows[0]["key"])
+    assert first["tokens.npy"].dtype == np.int16 and first["tokens.npy"].shape == (4, 500)
+    assert np.array_equal(first["tokens.npy"], np.load(rows[0]["tokens_path"]))
+    assert first["hiera.npy"].dtype == np.float16 and first["beat_weights.npy"].shape == (500,)
+    meta = first["json"]
+    assert meta["artist"] == rows[0]["artist"] and meta["weights"] == "random-init"
+    assert "tokens_path" not in meta  # local paths are not provenance
+
+
+def test_wids_reads_back(written):
+    import wids
+
+    _, stage, _, _ = written
+    index = stage.root / "wids-train.json"
+    n = sum(s["nsamples"] for s in json.loads(index.read_text())["shardlist"])
+    ds = wids.ShardListDataset(str(index), transformations=[], base=str(stage.root), cache_dir=str(stage.root / "cache"))
+    assert len(ds) == n > 0
+    sample = ds[0]
+    assert {".tokens.npy", ".hiera.npy", ".json"} <= set(sample)
+
+
+def test_huggingface_datasets_reads_back(written):
+    from datasets import load_dataset
+
+    tmp_path, stage, rows, _ = written
+    files = sorted(str(p) for p in stage.root.glob("*.tar"))
+    ds = load_dataset("webdataset", data_files={"shards": files}, split="shards", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(rows)
+    assert np.asarray(ds[0]["tokens.npy"]).shape == (4, 500)
+
+
+def test_tar_lists_plain_members(written):
+    _, stage, rows, _ = written
+    name = sorted(p.name for p in stage.root.glob("*.tar"))[0]
+    listing = subprocess.run(["tar", "tf", name], cwd=stage.root, capture_output=True, text=True, check=True).stdout.split()
+    key = listing[0].split(".")[0]
+    assert {f"{key}.tokens.npy", f"{key}.hiera.npy", f"{key}.json", f"{key}.music_beats.npy"} <= set(listing)
+    assert all("/" not in m for m in listing)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_verify_catches_a_damaged_shard(written, damage):
+    _, stage, rows, _ = written
+    shard = sorted(stage.root.glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 3] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    report = verify(stage.root, {r["key"] for r in rows})
+    assert not report.ok
+    assert any(shard.name in f and "sha256" in f for f in report.faults)
+
+
+def test_unsafe_or_incomplete_rows_fail_without_stopping_others(tmp_path: Path):
+    rows = clip_rows(tmp_path / "art", videos=1)
+    rows[0]["key"] = "../../etc/passwd"
+    rows[1]["tokens_path"] = str(tmp_path / "missing.npy")
+    results = {r.key: r for r in make_stage(tmp_path).process(rows)}
+    assert results["../../etc/passwd"].status == "failed" and "unsafe sample key" in results["../../etc/passwd"].reason
+    assert results[rows[1]["key"]].reason.startswith("missing_artifact")
+    assert results[rows[2]["key"]].status == "ok"
+
+
+KILLED_WRITER = """
+import json, sys
+from pathlib import Path
+from test_shards import make_stage
+rows = json.loads(Path(sys.argv[1]).read_text())
+make_stage(Path(sys.argv[2]), max_samples=2).process(rows)
+"""
+
+
+def test_kill_during_writing_then_rerun_gives_every_clip_once(tmp_path: Path):
+    rows = clip_rows(tmp_path / "art", videos=30, clips=2)
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "rows.json"), str(tmp_path)], env=env)
+    root = tmp_path / "shards"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(root.glob("*.tar"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = len(list(root.glob("*.tar")))
+    assert 3 <= finished_before and len(read_shards(root)) < 30, "the kill must land part-way"
+    stage = make_stage(tmp_path, max_samples=2)
+    results = stage.process(rows)  # the re-run: finds finished samples, writes the rest
+    assert Counter(r.status for r in results) == {"ok": len(rows)}
+    keys = Counter(k for info in read_shards(root).values() for k in info.keys)
+    assert set(keys) == {r["key"] for r in rows} and set(keys.values()) == {1}
+    assert not list(root.glob("*.tmp"))
+    assert verify(root, {r["key"] for r in rows}).ok
+
+
+def test_takedown_removes_a_video_everywhere_and_keeps_the_rest(written):
+    tmp_path, stage, rows, results = written
+    store = ManifestStore(tmp_path / "m")
+    now = datetime.now(timezone.utc)
+    store.append("shards", full_schema(Shards.schema), [
+        {"key": r.key, "status": "ok", "reason": "", "stage_version": "1", "params_hash": "p", "weights": "none",
+         "run_id": "r", "finished_at": now, "elapsed_s": 0.0, "node": "n", **r.metrics} for r in results])
+    before = {info.shard: info.sha256 for info in read_shards(stage.root).values()}
+    removed = remove_from_shards(stage.root, {"yt_vid00000003"})
+    assert sorted(k for keys in removed.values() for k in keys) == [f"yt_vid00000003_{c:03d}" for c in range(3)]
+    after = read_shards(stage.root)
+    all_keys = {k for info in after.values() for k in info.keys}
+    assert not any(k.startswith("yt_vid00000003") for k in all_keys)
+    assert len(all_keys) == len(rows) - 3
+    untouched = [name for name in before if name not in removed]
+    assert untouched and all(after[name].sha256 == before[name] for name in untouched)
+    assert mark_in_manifests(store, {"yt_vid00000003"}, ["shards"]) == 3
+    sharded = set(store.ok_keys("shards"))
+    assert len(sharded) == len(rows) - 3
+    assert verify(stage.root, sharded).ok
