@@ -5,7 +5,7 @@ SET ?=
 ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 STAGES = ingest download filter
 
-.PHONY: setup apt pip demo test lint run audit status compact weights bench $(STAGES)
+.PHONY: setup apt pip demo test lint run audit verify status compact weights bench $(STAGES)
 
 setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
 
@@ -36,6 +36,9 @@ $(STAGES):
 
 run:  ## every stage in order
 	discomv run $(ARGS)
+
+verify:  ## re-read every shard: checksums, members, arrays, one shard per sharded clip
+	discomv verify $(ARGS)
 
 audit:  ## funnel, terminal states, reasons; audit.parquet, report.html, DATASET_CARD.md
 	discomv audit $(ARGS) --html report.html --card DATASET_CARD.md

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the joined table as Parquet (default <manifest_root>/audit.parquet)")
     p.add_argument("--html", help="write a self-contained HTML report with plots to this path")
     p.add_argument("--card", help="write a Markdown dataset card to this path")
+    p = sub.add_parser("verify", help="re-read every shard: sha256, members, arrays, one shard per sharded clip")
+    _common(p)
+    p = sub.add_parser("takedown", help="remove videos/clips from the shards (rewriting only those) and mark them")
+    _common(p)
+    p.add_argument("keys", nargs="*", help="video keys (all their clips) or clip keys")
+    p.add_argument("--file", help="a file of keys, one per line")
     p = sub.add_parser("weights", help="download every stage's real weights into run.models_root and pin sha256")
     _common(p)
     p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
@@ -126,6 +132,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             parts, rows = store.compact(name)
             print(f"{name}: {parts} part files → 1 ({rows} rows)")
         return 0
+    if args.command == "verify":
+        return run_verify(cfg)
+    if args.command == "takedown":
+        return run_takedown(cfg, args.keys, args.file)
     if args.command == "audit":
         return run_audit(args, cfg)
     if args.command == "weights":
@@ -170,6 +180,43 @@ def run_audit(args: argparse.Namespace, cfg) -> int:
         if args.card:
             print(f"dataset card: {report.write_card(table, Path(args.card))}")
     return 0
+
+
+def run_verify(cfg) -> int:
+    from pathlib import Path
+
+    from pipeline.manifest import ManifestStore
+    from pipeline.shard_index import verify
+
+    store = ManifestStore(cfg.run.manifest_root)
+    sharded = set(store.ok_keys("shards")) if store.latest("shards") is not None else None
+    report = verify(Path(cfg.run.shard_root), sharded)
+    for fault in report.faults:
+        print(f"FAULT {fault}")
+    checked = "checked against the manifest" if sharded is not None else "no shards manifest to check against"
+    verdict = "OK" if report.ok else f"{len(report.faults)} FAULTS"
+    print(f"verify {cfg.run.shard_root}: {report.shards} shards, {report.samples} samples, {checked}: {verdict}")
+    return 0 if report.ok else 1
+
+
+def run_takedown(cfg, keys: list[str], key_file: str | None) -> int:
+    from pathlib import Path
+
+    from pipeline.manifest import ManifestStore
+    from pipeline.takedown import mark_in_manifests, remove_from_shards
+    from stages import STAGES
+
+    wanted = set(keys) | (set(Path(key_file).read_text().split()) if key_file else set())
+    if not wanted:
+        print("error: give keys or --file", file=sys.stderr)
+        return 2
+    removed = remove_from_shards(Path(cfg.run.shard_root), wanted)
+    for shard, gone in removed.items():
+        print(f"{shard}: removed {len(gone)} samples")
+    marked = mark_in_manifests(ManifestStore(cfg.run.manifest_root), wanted, list(STAGES))
+    print(f"takedown: {sum(map(len, removed.values()))} samples removed from {len(removed)} shards; "
+          f"{marked} manifest rows marked dropped (takedown)")
+    return run_verify(cfg)
 
 
 def fetch_all_weights(cfg) -> int:

@@ -62,6 +62,24 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npy_file_bytes(path: str | Path, dtype: str, ndim: int) -> bytes:
+    """The bytes of an .npy file, as they are when its header already says `dtype` with `ndim`
+    dimensions (no decode/re-encode: the common case), else loaded and converted."""
+    with open(path, "rb") as f:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read_header:
+            shape, fortran, file_dtype = read_header(f)
+            if file_dtype == np.dtype(dtype) and len(shape) == ndim and not fortran:
+                f.seek(0)
+                return f.read()
+    array = np.load(path, allow_pickle=False)
+    if array.ndim != ndim:
+        raise ShardError(f"bad_array: {Path(path).name} has shape {array.shape}, expected {ndim} dimensions")
+    return npy_bytes(array.astype(dtype))
+
+
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 

@@ -29,6 +29,7 @@ from pipeline.shard_index import (
     check_key,
     next_shard_number,
     npy_bytes,
+    npy_file_bytes,
     read_shards,
     write_index,
     write_sidecar,
@@ -83,6 +84,7 @@ class Shards(Stage):
         self.root = Path(self.run.shard_root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.heldout = _read_keys(self.config.heldout_keys)
+        import webdataset  # noqa: F401 - slow first import (it pulls in torch): once per worker, not per batch
 
     def process(self, rows: list[Row]) -> list[Result]:
         shards = read_shards(self.root, clean=True)
@@ -118,12 +120,10 @@ class Shards(Stage):
         for column in ARTIFACT_COLUMNS:
             if not row.get(column) or not Path(row[column]).is_file():
                 raise ShardError(f"missing_artifact: {column} {row.get(column)!r} not found")
-        tokens = np.load(row["tokens_path"], allow_pickle=False)
-        hiera = np.load(row["features_path"], allow_pickle=False)
         sample = {
             "__key__": key,
-            "tokens.npy": npy_bytes(tokens.astype(np.int16, copy=False)),
-            "hiera.npy": npy_bytes(hiera.astype(np.float16, copy=False)),
+            "tokens.npy": npy_file_bytes(row["tokens_path"], "int16", 2),
+            "hiera.npy": npy_file_bytes(row["features_path"], "float16", 2),
             **{f"{name}.npy": npy_bytes(array) for name, array in beat_arrays(row).items()},
             "json": json.dumps(provenance(row), default=str, ensure_ascii=False).encode(),
         }
