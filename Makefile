@@ -5,7 +5,7 @@ SET ?=
 ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 STAGES = ingest download filter
 
-.PHONY: setup apt pip demo test lint run audit verify status compact weights bench $(STAGES)
+.PHONY: setup apt pip demo test lint run audit verify cost status compact weights bench $(STAGES)
 
 setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
 
@@ -36,6 +36,9 @@ $(STAGES):
 
 run:  ## every stage in order
 	discomv run $(ARGS)
+
+cost:  ## extrapolate this run's per-stage CPU/GPU-seconds to DISCO-MV scale (docs/cost.md)
+	discomv cost $(ARGS)
 
 verify:  ## re-read every shard: checksums, members, arrays, one shard per sharded clip
 	discomv verify $(ARGS)

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("keys", nargs="*", help="video keys (all their clips) or clip keys")
     p.add_argument("--file", help="a file of keys, one per line")
+    p = sub.add_parser("cost", help="extrapolate measured per-stage CPU/GPU-seconds to DISCO-MV scale")
+    _common(p)
+    p.add_argument("--candidate-hours", type=float, help="hours of candidate video at scale "
+                   "(default: 15.3M candidates × DISCO-MV's 77 s mean)")
     p = sub.add_parser("weights", help="download every stage's real weights into run.models_root and pin sha256")
     _common(p)
     p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
@@ -131,6 +135,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name in args.stages or list(store.stages()):
             parts, rows = store.compact(name)
             print(f"{name}: {parts} part files → 1 ({rows} rows)")
+        return 0
+    if args.command == "cost":
+        from pipeline.cost import estimate, print_cost
+
+        print_cost(estimate(cfg, args.candidate_hours))
         return 0
     if args.command == "verify":
         return run_verify(cfg)
