@@ -21,13 +21,19 @@ def stage_names() -> list[str]:
     return list(STAGES)
 
 
-def audit_table(store: ManifestStore) -> pa.Table | None:
-    """One row per candidate: every stage's latest row, common columns prefixed by the stage name,
-    plus `terminal` — where the candidate ends: `<status> at <stage>`, `pending at <stage>`, or
-    `ok through <last stage>`."""
+def levels() -> tuple[list[str], list[str]]:
+    """(video-level stages, clip-level stages): the fan-out stage starts the clip level."""
+    from stages import STAGES
+
+    names = list(STAGES)
+    cut = next((i for i, n in enumerate(names) if STAGES[n].fans_out), len(names))
+    return names[:cut], names[cut:]
+
+
+def _joined(store: ManifestStore, names: list[str], where: str = "") -> pa.Table | None:
     import duckdb
 
-    names = [n for n in stage_names() if store.latest(n) is not None]
+    names = [n for n in names if store.latest(n) is not None]
     if not names:
         return None
     con = duckdb.connect()
@@ -36,26 +42,71 @@ def audit_table(store: ManifestStore) -> pa.Table | None:
         renamed = [f"{name}_{c}" if c in PREFIXED else c for c in table.column_names]
         con.register(f"m_{name}", table.rename_columns(renamed))
     joins = " ".join(f"LEFT JOIN m_{n} USING (key)" for n in names[1:])
-    joined = con.sql(f"SELECT * FROM m_{names[0]} {joins} ORDER BY key").to_arrow_table()
-    statuses = {n: joined.column(f"{n}_status").to_pylist() for n in names}
-    terminal = [_terminal(i, statuses, stage_names()) for i in range(joined.num_rows)]
+    return con.sql(f"SELECT * FROM m_{names[0]} {joins} {where} ORDER BY key").to_arrow_table()
+
+
+def clip_table(store: ManifestStore) -> pa.Table | None:
+    """One row per clip: every clip-level stage's latest row, joined on the clip key."""
+    _, clip_stages = levels()
+    return _joined(store, clip_stages, "WHERE key <> video_key")
+
+
+def audit_table(store: ManifestStore) -> pa.Table | None:
+    """One row per candidate: every video-level stage's latest row (common columns prefixed by the
+    stage name), per-stage counts of its ok clips, and `terminal` — where the candidate ends:
+    `<status> at <stage>`, `pending at <stage>`, or `ok through <last stage>`."""
+    video_stages, clip_stages = levels()
+    joined = _joined(store, video_stages)
+    if joined is None:
+        return None
+    clips = clip_table(store)
+    clip_rows = clips.to_pylist() if clips is not None else []
+    per_video: dict[str, list[dict[str, Any]]] = {}
+    for row in clip_rows:
+        per_video.setdefault(row["video_key"], []).append(row)
+    video_rows = store.latest_rows(clip_stages[0]) if clip_stages else {}
+    for stage in clip_stages:
+        counts = [sum(r.get(f"{stage}_status") == "ok" for r in per_video.get(k, [])) for k in joined["key"].to_pylist()]
+        joined = joined.append_column(f"{stage}_clips_ok", pa.array(counts, pa.int64()))
+    statuses = {n: joined.column(f"{n}_status").to_pylist() for n in video_stages if f"{n}_status" in joined.column_names}
+    terminal = []
+    for i, key in enumerate(joined["key"].to_pylist()):
+        state = _video_terminal(i, statuses, video_stages)
+        if state is None:
+            state = _clip_terminal(video_rows.get(key), per_video.get(key, []), clip_stages)
+        terminal.append(state)
     return joined.append_column("terminal", pa.array(terminal, pa.string()))
 
 
-def _terminal(i: int, statuses: dict[str, list[Any]], order: list[str]) -> str:
-    reached = None
+def _video_terminal(i: int, statuses: dict[str, list[Any]], order: list[str]) -> str | None:
     for name in order:
         status = statuses[name][i] if name in statuses else None
         if status is None:
             return f"pending at {name}"
         if status != "ok":
             return f"{status} at {name}"
-        reached = name
-    return f"ok through {reached}"
+    return None if order else "ok"
+
+
+def _clip_terminal(video_row: dict | None, clips: list[dict[str, Any]], order: list[str]) -> str:
+    """A candidate past the fan-out ends where the furthest of its clips stops."""
+    if not order:
+        return "ok through separate"
+    if video_row is not None and video_row["status"] != "ok":
+        return f"{video_row['status']} at {order[0]}"
+    for name in order:
+        status = [c.get(f"{name}_status") for c in clips]
+        if "ok" in status:
+            continue
+        if not clips or None in status:
+            return f"pending at {name}"
+        return f"{'failed' if 'failed' in status else 'dropped'} at {name}"
+    return f"ok through {order[-1]}"
 
 
 def query(store: ManifestStore, sql: str) -> pa.Table:
-    """Run SQL with `audit` (the joined table) and each stage's manifest (by stage name) as views."""
+    """Run SQL with `audit` (one row per candidate), `clips_audit` (one row per clip) and each
+    stage's latest manifest (by stage name) as views."""
     import duckdb
 
     con = duckdb.connect()
@@ -63,6 +114,9 @@ def query(store: ManifestStore, sql: str) -> pa.Table:
     if table is None:
         raise ValueError(f"no manifests under {store.root}: run a stage first")
     con.register("audit", table)
+    clips = clip_table(store)
+    if clips is not None:
+        con.register("clips_audit", clips)
     for name in stage_names():
         latest = store.latest(name)
         if latest is not None:
@@ -88,9 +142,12 @@ def summarize(table: pa.Table) -> dict[str, Any]:
     rows = table.to_pylist()
     names = [n for n in stage_names() if f"{n}_status" in table.column_names]
     funnel = {n: sum(r[f"{n}_status"] == "ok" for r in rows) for n in names}
+    funnel.update({f"{n} (clips)": sum(r[f"{n}_clips_ok"] for r in rows)
+                   for n in stage_names() if f"{n}_clips_ok" in table.column_names})
     hours = {
         "listed (ingest)": sum(r.get("duration_s") or 0 for r in rows) / 3600,
         "downloaded": sum(r.get("media_duration_s") or 0 for r in rows if r.get("download_status") == "ok") / 3600,
+        "kept (filter)": sum(r.get("media_duration_s") or 0 for r in rows if r.get("filter_status") == "ok") / 3600,
     }
     reasons: Counter = Counter()
     for r in rows:
