@@ -3,9 +3,9 @@ PYTHON ?= python3
 CONFIG ?=
 SET ?=
 ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
-STAGES = ingest download filter
+STAGES = ingest download filter separate clips beats tokens features shards
 
-.PHONY: setup apt pip demo test lint run audit verify cost status compact weights bench $(STAGES)
+.PHONY: setup apt pip demo test lint run audit verify cost status train compact weights bench $(STAGES)
 
 setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
 
@@ -54,6 +54,11 @@ compact:
 
 weights:  ## download real weights (needs network) and pin their sha256 in models/weights.lock.json
 	discomv weights $(ARGS)
+
+SHARDS ?= shards
+STEPS ?= 200
+train:  ## train the bundled model (tiny config) on the shards; make train SHARDS=demo/shards STEPS=50
+	discomv train --shards $(SHARDS) --config tiny --steps $(STEPS) --out runs/tiny
 
 bench:
 	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done

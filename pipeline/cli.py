@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--candidate-hours", type=float, help="hours of candidate video at scale "
                    "(default: 15.3M candidates × DISCO-MV's 77 s mean)")
+    for name, what in (("train", "train the bundled VMAs-style model on the shards (trainer/train.py)"),
+                       ("generate", "sample music for a clip's video features (trainer/generate.py)")):
+        p = sub.add_parser(name, help=what, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER, help=f"passed to python -m trainer.{name} (--help there)")
     p = sub.add_parser("weights", help="download every stage's real weights into run.models_root and pin sha256")
     _common(p)
     p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
@@ -83,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "generate"):  # the trainer owns its options (and its --help)
+        import importlib
+
+        return importlib.import_module(f"trainer.{argv[0]}").main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

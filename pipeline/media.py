@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +104,320 @@ def _rotation(stream: dict[str, Any]) -> int:
         if "rotation" in side:
             return int(_float(side["rotation"]) or 0)
     return int(_float(stream.get("tags", {}).get("rotate")) or 0)
+
+
+# ---------------------------------------------------------------- frame sampling
+
+DECODERS = ("auto", "decord", "ffmpeg")
+
+
+def uniform_indices(start: int, stop: int, n: int) -> list[int]:
+    """`n` frame indices spread evenly over [start, stop), first and last included; fewer when the
+    range holds fewer than `n` frames."""
+    count = stop - start
+    if count <= 0:
+        return []
+    if count <= n:
+        return list(range(start, stop))
+    return sorted({start + round(i * (count - 1) / (n - 1)) for i in range(n)}) if n > 1 else [start]
+
+
+class FrameReader:
+    """Frames of one video by index, as RGB uint8 arrays.
+
+    decord first, with keyframe-aware seeking; with `decoder="auto"` a file decord cannot open or
+    read (MPEG-TS, GIF, Ogg) falls back to one ffmpeg pass that keeps the wanted frames.
+    `decoder` names the backend that produced the frames.
+    """
+
+    def __init__(self, path: str | Path, decoder: str = "auto") -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        self.path = Path(path)
+        self.may_fall_back = decoder == "auto"
+        self.failures: list[str] = []
+        self.decoder = ""
+        self.frame_count = 0
+        self.fps = 0.0
+        if decoder in ("auto", "decord") and self._open_decord():
+            return
+        if decoder == "decord":
+            raise MediaError(f"unreadable: decord cannot open the file ({self.failures[-1]})")
+        self._open_ffmpeg()
+
+    @property
+    def duration_s(self) -> float:
+        return self.frame_count / self.fps if self.fps else 0.0
+
+    def read(self, indices: list[int]) -> list[Any]:
+        if self.decoder == "decord":
+            try:
+                return self._read_decord(indices)
+            except _decord_errors() as e:
+                self.failures.append(f"decord: {_short(e)}")
+                if not self.may_fall_back:
+                    raise MediaError(f"unreadable: decord cannot decode the file ({_short(e)})") from e
+                self._open_ffmpeg()
+        return self._read_ffmpeg(indices)
+
+    # decord ------------------------------------------------------------
+
+    def _open_decord(self) -> bool:
+        import decord
+
+        decord.logging.set_level(decord.logging.QUIET)
+        try:
+            # one thread per reader: callers decode several videos in parallel instead
+            self._reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=1)
+            self._keyframes = sorted(int(k) for k in self._reader.get_key_indices()) or [0]
+        except _decord_errors() as e:
+            self.failures.append(f"decord: {_short(e)}")
+            return False
+        self.decoder = "decord"
+        self.frame_count = len(self._reader)
+        self.fps = float(self._reader.get_avg_fps() or 0.0)
+        return True
+
+    def _read_decord(self, indices: list[int]) -> list[Any]:
+        """Each wanted frame costs decoding from its keyframe, but frames of one GOP are reached by
+        decoding forward from the previous one, never by seeking back to the keyframe (decord's
+        get_batch seeks for every index: ~2x slower on long GOPs, same frames)."""
+        import bisect
+
+        reader = self._reader
+        decoded: dict[int, Any] = {}
+        position = -1  # index of the frame reader.next() returns; -1 = unknown
+        for index in sorted(set(indices)):
+            if not 0 <= index < self.frame_count:
+                raise IndexError(f"frame {index} outside 0..{self.frame_count - 1}")
+            keyframe = self._keyframes[max(0, bisect.bisect_right(self._keyframes, index) - 1)]
+            if not keyframe <= position <= index:
+                reader.seek(keyframe)
+                position = keyframe
+            if index > position:
+                reader.skip_frames(index - position)
+            decoded[index] = reader.next().asnumpy()
+            position = index + 1
+        return [decoded[i] for i in indices]
+
+    # ffmpeg ------------------------------------------------------------
+
+    def _open_ffmpeg(self) -> None:
+        try:
+            info = probe(self.path)
+        except MediaError as e:
+            self.failures.append(f"ffmpeg: {e}")
+            raise MediaError(f"unreadable: {'; '.join(self.failures)}") from e
+        if not info.has_video:
+            raise MediaError("no_video_stream: the file has no video stream")
+        self.decoder = "ffmpeg"
+        self.fps = info.fps or 25.0
+        self.frame_count = int(info.duration_s * self.fps)
+
+    def _read_ffmpeg(self, indices: list[int], timeout_s: float = 600) -> list[Any]:
+        """One ffmpeg pass that keeps the wanted frame numbers: a full decode, but exact frames and
+        no timestamp-seeking quirks (MPEG-TS, GIF); only files decord cannot read come here."""
+        import cv2
+        import numpy as np
+
+        wanted = sorted(set(indices))
+        select = "+".join(f"eq(n\\,{i})" for i in wanted)
+        cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(self.path), "-vf", f"select={select}",
+               "-fps_mode", "passthrough", "-f", "image2pipe", "-c:v", "bmp", "-"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise MediaError(f"decode_timeout: ffmpeg took more than {timeout_s}s") from e
+        images = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in _split_bmps(out.stdout)]
+        if len(images) < len(wanted) or any(image is None for image in images):
+            err = out.stderr.decode("utf-8", "replace").strip().splitlines()
+            detail = f"ffmpeg decoded {len(images)} of {len(wanted)} frames" + (f" ({err[-1]})" if err else "")
+            raise MediaError(f"unreadable: {'; '.join([*self.failures, detail])}")
+        decoded = {i: cv2.cvtColor(image, cv2.COLOR_BGR2RGB) for i, image in zip(wanted, images[: len(wanted)], strict=True)}
+        return [decoded[i] for i in indices]
+
+
+def _split_bmps(stream: bytes) -> list[bytes]:
+    """Split concatenated BMP files; each header holds its own size at bytes 2..6."""
+    parts, offset = [], 0
+    while offset + 6 <= len(stream) and stream[offset:offset + 2] == b"BM":
+        size = int.from_bytes(stream[offset + 2:offset + 6], "little")
+        if size <= 0:
+            break
+        parts.append(stream[offset:offset + size])
+        offset += size
+    return parts
+
+
+def _decord_errors() -> tuple[type[BaseException], ...]:
+    from decord._ffi.base import DECORDError
+
+    return (DECORDError, RuntimeError, IndexError, ValueError, OSError)
+
+
+def _short(error: BaseException, limit: int = 200) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    # decord prefixes messages with "[time] /path/to/source.cc:123: [file]"
+    text = re.sub(r"^(\s*(\[[^\]]*\]|\S+\.cc:\d+:))+\s*", "", text)
+    return text[:limit]
+
+
+# ---------------------------------------------------------------- audio decode / encode (ffmpeg)
+
+from collections.abc import Iterator  # noqa: E402  (appended section; the file head is shared)
+
+AUDIO_CHUNK_FRAMES = 1 << 16
+
+
+def stream_audio(
+    path: str | Path, sample_rate: int, channels: int, chunk_frames: int = AUDIO_CHUNK_FRAMES
+) -> Iterator[Any]:
+    """Decode the first audio stream to float32 `(frames, channels)` numpy chunks at `sample_rate`.
+
+    ffmpeg resamples (soxr) and up/down-mixes; memory is one chunk whatever the file's length.
+    Raises MediaError (`no_audio_stream`, `corrupt`, `decode_error`) when ffmpeg fails.
+    """
+    import tempfile
+
+    import numpy as np
+
+    cmd = [
+        "ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+        "-af", "aresample=resampler=soxr", "-ac", str(channels), "-ar", str(sample_rate),
+        "-f", "f32le", "-c:a", "pcm_f32le", "pipe:1",
+    ]
+    chunk_bytes = chunk_frames * channels * 4
+    # stderr goes to a file, not a pipe: a chatty ffmpeg must never block on a full stderr pipe
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors)
+        try:
+            assert proc.stdout is not None
+            pending = b""
+            while block := proc.stdout.read(chunk_bytes):
+                data = pending + block
+                usable = len(data) - len(data) % (channels * 4)
+                pending = data[usable:]
+                if usable:
+                    yield np.frombuffer(data[:usable], dtype=np.float32).reshape(-1, channels)
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if returncode != 0:
+            errors.seek(0)
+            raise MediaError(_audio_decode_reason(errors.read().decode("utf-8", "replace")))
+
+
+def _audio_decode_reason(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else "no output"
+    if "matches no streams" in stderr or "does not contain any stream" in stderr:
+        return "no_audio_stream: the file has no audio stream"
+    if "Invalid data found" in stderr or "moov atom not found" in stderr or "End of file" in stderr:
+        return f"corrupt: ffmpeg cannot read the file ({last[:200]})"
+    return f"decode_error: ffmpeg failed to decode the audio ({last[:200]})"
+
+
+def write_resampled_flac(
+    source: str | Path, target: str | Path, sample_rate: int, channels: int, timeout_s: float = 3600
+) -> None:
+    """Resample (soxr) and downmix an audio file into 16-bit FLAC at `target`, written under a
+    temporary name and renamed, so no partial file ever sits under the final name.
+    Stereo→mono is the plain average of the two channels (ffmpeg's default `-ac 1` adds gain)."""
+    target = Path(target)
+    partial = target.with_name(target.name + ".part")
+    mix = ["-af", "pan=mono|c0=0.5*c0+0.5*c1,aresample=resampler=soxr"] if channels == 1 else [
+        "-af", "aresample=resampler=soxr", "-ac", str(channels)]
+    cmd = [
+        "ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(source), *mix, "-ar", str(sample_rate),
+        "-c:a", "flac", "-sample_fmt", "s16", "-f", "flac", str(partial),
+    ]
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+        partial.unlink(missing_ok=True)
+        raise MediaError(f"encode_timeout: resampling took more than {timeout_s}s") from e
+    if out.returncode != 0:
+        partial.unlink(missing_ok=True)
+        err = out.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise MediaError(f"encode_error: ffmpeg could not write {target.name} ({err[-1] if err else 'no output'})")
+    partial.replace(target)
+
+
+# ---------------------------------------------------------------- fixed-length clip windows (tokens, features)
+
+
+def read_audio_window(path: str | Path, start_s: float, samples: int, sample_rate: int) -> tuple[Any, int]:
+    """`samples` mono float32 samples from `start_s` at `sample_rate`, zero-padded past the end of the
+    file, and how many of them came from the file. soundfile reads the window exactly when the file
+    already has that rate; anything else goes through ffmpeg (seek, resample, downmix).
+    Raises MediaError (`unreadable: …`) when neither can read it."""
+    import numpy as np
+
+    try:
+        mono = _read_window_soundfile(Path(path), start_s, samples, sample_rate)
+    except (RuntimeError, OSError, ValueError) as e:
+        mono = _read_window_ffmpeg(Path(path), start_s, samples, sample_rate, first_error=_short(e))
+    out = np.zeros(samples, dtype=np.float32)
+    read = min(samples, len(mono))
+    out[:read] = mono[:read]
+    return out, read
+
+
+def _read_window_soundfile(path: Path, start_s: float, samples: int, sample_rate: int) -> Any:
+    import soundfile as sf
+
+    if sf.info(str(path)).samplerate != sample_rate:
+        raise ValueError("sample rate differs")  # ffmpeg resamples
+    data, _ = sf.read(str(path), start=round(start_s * sample_rate), frames=samples, dtype="float32",
+                      always_2d=True)
+    return data.mean(axis=1)
+
+
+def _read_window_ffmpeg(path: Path, start_s: float, samples: int, sample_rate: int, first_error: str,
+                        timeout_s: float = 120) -> Any:
+    import numpy as np
+
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-ss", f"{start_s:.6f}", "-i", str(path), "-map", "0:a:0",
+           "-vn", "-ac", "1", "-ar", str(sample_rate), "-af", "aresample=resampler=soxr",
+           "-t", f"{samples / sample_rate:.6f}", "-f", "f32le", "pipe:1"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise MediaError(f"decode_timeout: ffmpeg took more than {timeout_s}s") from e
+    if out.returncode != 0:
+        err = out.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise MediaError(f"unreadable: soundfile: {first_error}; ffmpeg: {err[-1][:200] if err else 'no output'}")
+    usable = len(out.stdout) - len(out.stdout) % 4
+    return np.frombuffer(out.stdout[:usable], dtype=np.float32)[:samples]
+
+
+def window_frame_indices(
+    start_s: float, count: int, sample_fps: float, video_fps: float, frame_count: int
+) -> tuple[list[int], int]:
+    """`count` frame indices sampled at `sample_fps` from `start_s` (nearest frame), and how many of
+    them lie inside the video; the ones past its last frame repeat the last frame, so a partial clip
+    still gives exactly `count` frames."""
+    if frame_count <= 0 or video_fps <= 0:
+        return [], 0
+    wanted = [round((start_s + i / sample_fps) * video_fps) for i in range(count)]
+    inside = sum(1 for index in wanted if index < frame_count)
+    return [min(max(index, 0), frame_count - 1) for index in wanted], inside
+
+
+def save_npy_atomic(path: str | Path, array: Any) -> None:
+    """np.save without pickle, under a temporary name renamed into place: a crash never leaves a
+    partial array under the final name."""
+    import numpy as np
+
+    path = Path(path)
+    partial = path.with_name(path.name + ".part")
+    try:
+        with open(partial, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -102,3 +102,56 @@ def make_truncated(source: Path, path: Path, keep: float = 0.6) -> Path:
     data = source.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+# ---------------------------------------------------------------- beats: events on one timeline
+
+
+def make_click_track(path: Path, event_times: list[float], duration_s: float, sample_rate: int = 32000) -> Path:
+    """Mono FLAC of short 1.5 kHz clicks at `event_times` (seconds), silence elsewhere."""
+    import numpy as np
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = np.zeros(int(round(duration_s * sample_rate)), dtype=np.float32)
+    click_t = np.arange(int(0.05 * sample_rate)) / sample_rate
+    click = (0.8 * np.exp(-80 * click_t) * np.sin(2 * np.pi * 1500 * click_t)).astype(np.float32)
+    for time_s in event_times:
+        start = int(round(time_s * sample_rate))
+        end = min(len(audio), start + len(click))
+        if 0 <= start < end:
+            audio[start:end] += click[: end - start]
+    sf.write(path, audio, sample_rate, format="FLAC", subtype="PCM_16")
+    return path
+
+
+def make_jump_video(
+    path: Path, event_times: list[float], duration_s: float, size: str = "160x120", shift_px: int = 12,
+    seed: int = 0,
+) -> Path:
+    """A textured picture that is perfectly still except at `event_times`, where it jumps sideways
+    by `shift_px` (alternating left/right), with a click on the soundtrack at the same instants:
+    video and music beats whose times are known exactly. Frame n (pts n/FPS) shows the position
+    after every event at or before n/FPS."""
+    import numpy as np
+
+    width, height = (int(v) for v in size.split("x"))
+    rng = np.random.default_rng(seed)
+    # 8x8-pixel random blocks: enough texture for optical flow, nothing moves by itself
+    blocks = rng.integers(30, 226, size=(height // 8 + 1, (width + shift_px) // 8 + 1), dtype=np.uint8)
+    texture = np.kron(blocks, np.ones((8, 8), dtype=np.uint8))[:height, : width + shift_px]
+    frame_count = int(round(duration_s * FPS))
+    events = np.sort(np.asarray(event_times, dtype=np.float64))
+    jumps = np.searchsorted(events, np.arange(frame_count) / FPS + 1e-9, side="right")
+    frames = np.stack([texture[:, (n % 2) * shift_px:(n % 2) * shift_px + width] for n in jumps])
+    clicks = make_click_track(path.with_suffix(".clicks.flac"), list(events), duration_s, sample_rate=44100)
+    cmd = [
+        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "rawvideo", "-pix_fmt", "gray", "-s", f"{width}x{height}", "-r", str(FPS), "-i", "pipe:0",
+        "-i", str(clicks), "-map", "0:v", "-map", "1:a", "-t", str(duration_s), *ENCODE, str(path),
+    ]
+    proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, check=False)
+    clicks.unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed making {path.name}: {proc.stderr.decode()[-800:]}")
+    return path

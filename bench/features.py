@@ -1,0 +1,152 @@
+"""Throughput of the tokens (EnCodec) and features (Hiera) stages on this machine's CPU.
+
+One run per batch size (clips per process() call, one forward pass each), real architectures with
+random weights (the compute is the same as with the real weights), synthetic 10 s clips made with
+ffmpeg. Decode-only rates (audio window read; frame sampling + resize) are measured alongside, to
+show how much of a clip's time is the CPU decode the thread pool overlaps with the model.
+
+    python bench/features.py [--tokens-batches 1,4,8] [--features-batches 1,2,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import synth  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
+
+CLIP_S = 10.0
+SOURCE_CLIPS = 4  # distinct clips in the source video; batches cycle over them
+
+
+def make_media(folder: Path) -> tuple[Path, Path]:
+    duration = CLIP_S * SOURCE_CLIPS
+    video = synth.make_video(folder / "bench.mp4", "moving", duration_s=duration, seed=5, size="480x360")
+    flac = folder / "bench32k.flac"
+    synth.ffmpeg("-f", "lavfi", "-i", f"aevalsrc={synth.music_expr(5)}:s=32000:d={duration}", "-ac", "1",
+                 "-c:a", "flac", str(flac))
+    return video, flac
+
+
+def clip_rows(video: Path, flac: Path, count: int) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(count):
+        start = CLIP_S * (i % SOURCE_CLIPS)
+        rows.append({"key": f"bench_{i:03d}", "video_key": "bench", "clip_index": i, "start_s": start,
+                     "end_s": start + CLIP_S, "padded_s": 0.0, "video_path": str(video),
+                     "instrumental32k_path": str(flac), "media_duration_s": CLIP_S * SOURCE_CLIPS})
+    return rows
+
+
+def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - started
+
+
+def bench_stage(stage: Any, rows: list[dict[str, Any]], batches: list[int], configure: Any) -> list[dict[str, Any]]:
+    rows_out = []
+    _, decode_s = timed(lambda: [stage.read_clip(row) for row in rows[:2]])
+    for batch in batches:
+        configure(stage, batch)
+        results, elapsed = timed(stage.process, rows[:batch])
+        failed = [r for r in results if r.status != "ok"]
+        if failed:
+            raise RuntimeError(f"{stage.name}: {failed[0].key} {failed[0].reason}")
+        rows_out.append({"stage": stage.name, "batch": batch, "clips": batch, "seconds": elapsed,
+                         "clips_per_s": batch / elapsed, "decode_clips_per_s": 2 / decode_s})
+    return rows_out
+
+
+def bench_tokens(root: Path, rows: list[dict[str, Any]], batches: list[int]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from stages.tokens import Tokens, TokensConfig, encode
+
+    stage = Tokens(TokensConfig(), RunConfig(media_root=str(root), weights="random"))
+    stage.setup()
+    encode(stage.codec, np.zeros((1, 32000), np.float32), stage.device, stage.precision)  # warm-up
+
+    def configure(s: Any, batch: int) -> None:
+        s.config.batch_size = batch
+
+    return bench_stage(stage, rows, batches, configure)
+
+
+def bench_features(root: Path, rows: list[dict[str, Any]], batches: list[int], model: str) -> list[dict[str, Any]]:
+    from stages.features import Features, FeaturesConfig, extract
+
+    stage = Features(FeaturesConfig(model=model), RunConfig(media_root=str(root), weights="random"))
+    stage.setup()
+    warm = stage.read_clip(rows[0]).frames[None, :16]
+    extract(stage.hiera, warm, -1, "spatial_mean", stage.device, stage.precision)  # one window: warm-up
+
+    def configure(s: Any, batch: int) -> None:
+        s.config.batch_size = batch
+        s.config.windows_per_pass = batch * (s.config.frames // 16)
+
+    return bench_stage(stage, rows, batches, configure)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} "
+            f"threads), Python {platform.python_version()}, 1-min load average at start {load:.1f}")
+
+
+def table(results: list[dict[str, Any]], models: dict[str, str]) -> str:
+    lines = [
+        "| stage | model (random init) | batch (clips) | seconds | clips/s | decode-only clips/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(f"| {r['stage']} | {models[r['stage']]} | {r['batch']} | {r['seconds']:.1f} | "
+                     f"{r['clips_per_s']:.3f} | {r['decode_clips_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens-batches", default="1,4,8")
+    parser.add_argument("--features-batches", default="1,2,4")
+    parser.add_argument("--features-model", default="hiera_base_16x224")
+    args = parser.parse_args()
+    tokens_batches = [int(b) for b in args.tokens_batches.split(",") if b]
+    features_batches = [int(b) for b in args.features_batches.split(",") if b]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="discomv-bench-features-") as scratch:
+        root = Path(scratch)
+        video, flac = make_media(root)
+        rows = clip_rows(video, flac, max(tokens_batches + features_batches))
+        header = machine()
+        results = bench_tokens(root / "media", rows, tokens_batches) if tokens_batches else []
+        if features_batches:
+            results += bench_features(root / "media", rows, features_batches, args.features_model)
+    print(f"Machine: {header}\n")
+    print(table(results, {"tokens": "encodec_32khz, fp32", "features": f"{args.features_model}, fp32"}))
+    print(f"\n10 s clips (480×360 H.264 at 25 fps, 32 kHz mono FLAC); one run per row; total "
+          f"{time.perf_counter() - started:.0f} s including setup.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Benchmark the separate stage against the `demucs` CLI run once per file, same run.
+
+Both load the same randomly initialised model from one local folder in Demucs' `--repo` layout
+(real htdemucs architecture by default) with the same settings: two stems (vocals / no_vocals),
+shifts=0 (the shift offsets are random, so >0 would not compare), overlap 0.25, the model's segment.
+Inputs are float32 WAVs (music from ffmpeg + an espeak-ng voice), so both decode the same samples.
+Our stage runs with its residual-vocal check and instrumental probe off, i.e. the same work as the
+CLI. Equality is checked on the instrumental: the CLI's float32 no_vocals.wav vs our 24-bit FLAC
+(quantisation step 6e-8, far below the 1e-4 tolerance).
+
+    python bench/separate.py [--files 10] [--seconds 5.5] [--model htdemucs|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import synth  # noqa: E402
+from stages.separate import Separate, SeparateConfig, build_random_htdemucs, save_repo_model  # noqa: E402
+
+MODEL_NAME = "htdemucs"
+SIGNATURE = "5eed0001"
+
+
+def make_inputs(folder: Path, count: int, seconds: float) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        voice = synth._voice(folder / f"voice{i:02d}.wav", seed=i)
+        path = folder / f"track{i:02d}.wav"
+        synth.ffmpeg(
+            "-f", "lavfi", "-i", f"aevalsrc={synth.music_expr(i)}:s=44100:c=stereo:d={seconds}", "-i", str(voice),
+            "-filter_complex",
+            "[1:a]aresample=44100,adelay=500|500,volume=2[vo];[0:a][vo]amix=inputs=2:duration=first,volume=0.6",
+            "-c:a", "pcm_f32le", str(path),
+        )
+        voice.unlink()
+        paths.append(path)
+    return paths
+
+
+def duration_s(path: Path) -> float:
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    return info.frames / info.samplerate
+
+
+def run_stage(models: Path, media: Path, inputs: list[Path], batch_size: int) -> float:
+    started = time.perf_counter()
+    run = SimpleNamespace(media_root=str(media), models_root=str(models), weights="pretrained")
+    config = SeparateConfig(shifts=0, overlap=0.25, skip_instrumental=False, residual_segments=0,
+                            batch_size=batch_size, batch_segments=batch_size)
+    stage = Separate(config, run)
+    stage.setup()
+    rows = [{"key": p.stem, "video_path": str(p)} for p in inputs]
+    for first in range(0, len(rows), batch_size):  # the runner hands an actor batch_size rows at a time
+        for result in stage.process(rows[first:first + batch_size]):
+            if result.status != "ok":
+                raise SystemExit(f"stage failed on {result.key}: {result.reason}")
+    return time.perf_counter() - started
+
+
+def run_cli(repo: Path, out: Path, inputs: list[Path]) -> float:
+    started = time.perf_counter()
+    for path in inputs:
+        cmd = [
+            sys.executable, "-m", "demucs", "-n", MODEL_NAME, "--repo", str(repo), "--two-stems", "vocals",
+            "--shifts", "0", "--overlap", "0.25", "--float32", "--clip-mode", "none", "-d", "cpu",
+            "-o", str(out), str(path),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"demucs CLI failed on {path.name}: {proc.stderr[-1500:]}")
+    return time.perf_counter() - started
+
+
+def max_difference(media: Path, cli_out: Path, inputs: list[Path]) -> float:
+    import numpy as np
+    import soundfile as sf
+
+    worst = 0.0
+    for path in inputs:
+        ours, _ = sf.read(str(media / "instrumental" / f"{path.stem}.flac"), dtype="float32")
+        theirs, _ = sf.read(str(cli_out / MODEL_NAME / path.stem / "no_vocals.wav"), dtype="float32")
+        if ours.shape != theirs.shape:
+            raise SystemExit(f"{path.name}: shapes differ, ours {ours.shape} vs CLI {theirs.shape}")
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+    return worst
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU "
+            f"({torch.get_num_threads()} threads), load average {load:.1f} at the end")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=5.5, help="per file (≤ 5.85 s = one segment)")
+    parser.add_argument("--model", choices=["htdemucs", "tiny"], default="htdemucs",
+                        help="random-init architecture: the real htdemucs, or a small one for a quick check")
+    parser.add_argument("--batch-size", type=int, default=4, help="tracks per process() call and segments per model call")
+    parser.add_argument("--work", type=Path, default=None, help="keep inputs and outputs here")
+    args = parser.parse_args()
+
+    import torch
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-separate-"))
+    inputs = make_inputs(work / "inputs", args.files, args.seconds)
+    audio_s = sum(duration_s(p) for p in inputs)
+    torch.manual_seed(0)
+    repo = work / "models" / "demucs" / MODEL_NAME
+    save_repo_model(build_random_htdemucs(args.model), repo, MODEL_NAME, SIGNATURE, fmt="th")
+
+    stage_s = run_stage(work / "models", work / "media", inputs, args.batch_size)
+    cli_s = run_cli(repo, work / "cli", inputs)
+    difference = max_difference(work / "media", work / "cli", inputs)
+
+    print(f"\n### separate: {args.files} files × {args.seconds:g} s, random-init {args.model} "
+          f"({'real architecture' if args.model == 'htdemucs' else 'small'}), shifts=0, overlap=0.25\n")
+    print("| runner | wall s | audio-s per wall-s |")
+    print("|---|---:|---:|")
+    print(f"| `python -m demucs --two-stems vocals`, once per file | {cli_s:.1f} | {audio_s / cli_s:.3f} |")
+    print(f"| separate stage (model loaded once, batch {args.batch_size}, decode ahead) | {stage_s:.1f} | "
+          f"{audio_s / stage_s:.3f} |")
+    print(f"\nspeed-up ×{cli_s / stage_s:.2f}; instrumental max |ours − CLI| = {difference:.2e} "
+          f"({'within' if difference <= 1e-4 else 'OVER'} 1e-4); audio {audio_s:.1f} s")
+    print(f"machine: {machine()}")
+    if difference > 1e-4:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Trainer throughput on this machine: samples/s and tokens/s for the tiny and medium configs.
+
+    python bench/train.py [--steps 6] [--warmup 2] [--threads 1] [--configs tiny,medium]
+
+Synthetic shards with the real shapes (tokens 4×500, Hiera 96×768) are written to a temp folder and
+streamed through the real loop (data, forward, backward, AdamW, EMA); the first `--warmup` steps are
+not timed. Tokens = EnCodec codebook tokens (4 × 500 per sample). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer import train as train_mod  # noqa: E402
+from trainer.model import count_params  # noqa: E402
+
+BATCH_SIZES = {"tiny": 4, "medium": 8, "300m": 16}
+
+
+def write_shards(root: Path, samples: int, steps: int = 500, frames: int = 96, dim: int = 768) -> None:
+    rng = np.random.default_rng(0)
+    with wds.ShardWriter(str(root / "train-%06d.tar"), maxcount=samples, verbose=0) as sink:
+        for i in range(samples):
+            beats = (np.arange(steps) % 25 == 0).astype(np.int8)
+            sink.write({
+                "__key__": f"bench{i}_000",
+                "tokens.npy": rng.integers(0, 2048, (4, steps)).astype(np.int16),
+                "hiera.npy": rng.normal(size=(frames, dim)).astype(np.float16),
+                "music_beats.npy": beats,
+                "video_beats.npy": beats,
+                "beat_weights.npy": (1 + beats).astype(np.float32),
+                "json": {"bench": True},
+            })
+
+
+def measure(config: str, shards: Path, out: Path, warmup: int, steps: int, threads: int) -> dict[str, float]:
+    overrides = [f"data.batch_size={BATCH_SIZES[config]}", f"log_interval={warmup}", "eval_interval=1000000",
+                 "ckpt_interval=1000000", f"cpu_threads={threads}", "data.shuffle_buffer=8"]
+    cfg = train_mod.load_config(config, overrides)
+    cfg.data.shards, cfg.out, cfg.steps = str(shards), str(out), warmup + steps
+    result = train_mod.train(cfg)
+    rows = [r for r in csv.DictReader((out / "log.csv").open()) if r["split"] == "train"]
+    previous_step, samples, seconds = warmup, 0, 0.0
+    for row in rows[1:]:  # rows[0] closes the untimed warmup window
+        window = (int(row["step"]) - previous_step) * cfg.data.batch_size
+        samples, seconds = samples + window, seconds + window / float(row["samples_per_s"])
+        previous_step = int(row["step"])
+    return {"params": result.num_params, "batch": cfg.data.batch_size, "samples_per_s": samples / seconds,
+            "tokens_per_s": samples * cfg.model.n_codebooks * cfg.model.max_steps / seconds,
+            "seconds_per_step": seconds / steps}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, no GPU, "
+            f"1-min load average {load:.1f} at start (shared machine)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=6, help="timed steps per config")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared box)")
+    p.add_argument("--configs", default="tiny,medium")
+    args = p.parse_args(argv)
+    configs = args.configs.split(",")
+    header = machine()
+    lines = ["| config | params | batch | threads | s/step | samples/s | tokens/s |", "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        shards = Path(tmp) / "shards"
+        shards.mkdir()
+        write_shards(shards, samples=32)
+        for config in configs:
+            cfg = train_mod.load_config(config, [])
+            print(f"{config}: {count_params(cfg.model) / 1e6:.1f}M params (at the preset's shapes)", file=sys.stderr)
+            r = measure(config, shards, Path(tmp) / config, args.warmup, args.steps, args.threads)
+            lines.append(f"| {config} | {r['params'] / 1e6:.1f}M | {r['batch']} | {args.threads} | "
+                         f"{r['seconds_per_step']:.2f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} |")
+    print(f"\nTrainer throughput, CPU: {header}\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
