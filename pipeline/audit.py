@@ -142,7 +142,7 @@ def summarize(table: pa.Table) -> dict[str, Any]:
     rows = table.to_pylist()
     names = [n for n in stage_names() if f"{n}_status" in table.column_names]
     funnel = {n: sum(r[f"{n}_status"] == "ok" for r in rows) for n in names}
-    funnel.update({f"{n} (clips)": sum(r[f"{n}_clips_ok"] for r in rows)
+    funnel.update({n if n == "clips" else f"{n} (clips)": sum(r[f"{n}_clips_ok"] for r in rows)
                    for n in stage_names() if f"{n}_clips_ok" in table.column_names})
     hours = {
         "listed (ingest)": sum(r.get("duration_s") or 0 for r in rows) / 3600,

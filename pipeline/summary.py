@@ -40,7 +40,7 @@ def print_status(cfg: Config) -> None:
         if not c["rows"]:
             continue
         reasons = ", ".join(f"{r} ×{n}" for r, n in c["reasons"].most_common(5))
-        label = name + (" [random-init]" if c["random_init"] else "")
+        label = name + (r" \[random-init]" if c["random_init"] else "")
         table.add_row(
             label, str(c["rows"]), str(c["status"]["ok"]), str(c["status"]["dropped"]),
             str(c["status"]["failed"]), reasons or "-",

@@ -46,11 +46,18 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path):
     )
     out = proc.stdout.decode() + proc.stderr.decode()
     assert proc.returncode == 0, out[-3000:]
-    assert f"manifests: {tmp_path / 'demo' / 'manifests'}" in out
-    for line in ("ingest", "download", "not_found", "unsupported", "truncated", "no_audio_stream", "bad_url"):
-        assert line in out
+    demo = tmp_path / "demo"
+    assert f"manifests: {demo / 'manifests'}" in out
+    for line in ("ingest", "download", "not_found", "unsupported", "truncated", "no_audio_stream", "bad_url",
+                 "dropped: static", "shards: processed", "checked against the manifest: OK"):
+        assert line in out, line
+    assert list((demo / "shards").glob("train-*.tar")) and (demo / "runs" / "tiny" / "log.csv").is_file()
+    assert (demo / "report.html").read_text().count('id="plot-') >= 7
+    assert "random-init" in (demo / "DATASET_CARD.md").read_text()
     rerun = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
         capture_output=True, timeout=600,
     )
-    assert "download: nothing to do" in rerun.stdout.decode() + rerun.stderr.decode()
+    again = rerun.stdout.decode() + rerun.stderr.decode()
+    for stage in STAGES:
+        assert f"{stage}: nothing to do" in again, stage
