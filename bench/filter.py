@@ -1,6 +1,6 @@
 """Benchmark the filter stage against a naive loop and against pure decoding, in one run.
 
-    python bench/filter.py [--videos 32] [--duration 60] [--media build/bench_media]
+    python bench/filter.py [--videos 32] [--duration 60] [--media build/bench_media] [--set frames=8 ...]
 
 Same videos (half moving, a quarter looped stills, a quarter two-image slideshows; made once with
 pipeline.synth and cached), same CLIP (ViT-B-32, random init: there are no weights offline; both
@@ -37,6 +37,7 @@ from stages.filter import Filter, frame_similarity
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("moving", "moving", "still", "slideshow")  # half moving, half static or slideshow
+NAIVE_FRAMES = 16
 
 
 def make_corpus(folder: Path, n: int, duration_s: float) -> list[tuple[str, Path]]:
@@ -66,12 +67,22 @@ def build_stage(**options: Any) -> Filter:
     return Filter(cfg.stage("filter"), cfg.run)
 
 
-def naive_one(path: Path, stage: Filter) -> tuple[float, bool]:
-    """Decode every frame, keep the 16 the stage samples, CLIP them in one forward pass."""
+def parse_options(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit("--set expects filter option=value, e.g. --set frames=8")
+    return {key: yaml.safe_load(value) for key, value in pairs}
+
+
+def naive_one(path: Path, stage: Filter, frames: int = NAIVE_FRAMES) -> tuple[float, bool]:
+    """Decode every frame, keep 16 spread evenly (the stage's default indices), CLIP them in one
+    forward pass."""
     import decord
 
     reader = decord.VideoReader(str(path))
-    keep = set(uniform_indices(0, len(reader), stage.config.frames))
+    keep = set(uniform_indices(0, len(reader), frames))
     frames = []
     for index in range(len(reader)):
         frame = reader.next()
@@ -102,7 +113,10 @@ def main() -> int:
     parser.add_argument("--videos", type=int, default=32)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per video")
     parser.add_argument("--media", default=str(REPO / "build" / "bench_media"), help="where generated videos are cached")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="filter option for the stage paths (the naive loop stays at 16 frames)")
     args = parser.parse_args()
+    options = parse_options(args.set)
 
     import torch
 
@@ -110,9 +124,9 @@ def main() -> int:
     random.Random(0).shuffle(corpus)  # batches mix kinds, as a real stream would
     kind_of = {path.stem: kind for kind, path in corpus}
 
-    stage = build_stage()
+    stage = build_stage(**options)
     stage.setup()
-    plain = build_stage(identical_frame_tolerance=-1, early_drop_frames=0)
+    plain = build_stage(**{**options, "identical_frame_tolerance": -1, "early_drop_frames": 0})
     plain.embedder, plain.identity, plain.weights_stamp = stage.embedder, stage.identity, stage.weights_stamp
 
     seconds: Counter = Counter()
@@ -143,16 +157,16 @@ def main() -> int:
     rate = {name: n / s for name, s in seconds.items()}
     labels = {
         "naive": "naive loop: decode every frame, CLIP 16, one video at a time",
-        "stage": "filter stage (defaults)",
+        "stage": "filter stage (" + (", ".join(f"{k}={v}" for k, v in options.items()) or "defaults") + ")",
         "plain": "filter stage, seeking + batching only (no picture sharing, no early drop)",
-        "decode": "decode only: the stage's 16 frames per video (the limit)",
+        "decode": f"decode only: the stage's {stage.config.frames} frames per video (the limit)",
     }
     print(f"\n### filter: {n} videos × {args.duration:g} s, 320×240, 25 fps ({Counter(kind_of.values())})\n")
     print(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} on {stage.embedder.device}, "
         f"{torch.get_num_threads()} torch threads, decode_threads={stage.config.decode_threads}, "
         f"batch_size={batch}; load average {load_before:.1f} → {load_after:.1f}; "
-        f"CLIP {stage.embedder.model_name} weights={stage.weights_stamp}\n"
+        f"CLIP {stage.embedder.model_name} weights={stage.weights_stamp}; stage options {options or 'defaults'}\n"
     )
     print("| path | wall s | videos/s | × naive | CPU s per video | × naive (CPU) |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -106,6 +106,7 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
         log.info(summary.line())
         return summary
 
+    stage.preflight()
     schema = full_schema(stage.schema)
     run_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()

@@ -89,6 +89,10 @@ class Stage:
         """Options that change the stage's outputs; their hash decides what is redone."""
         return {}
 
+    def preflight(self) -> None:
+        """Cheap checks on the driver before any worker starts (weights present, options sane), so
+        a run that cannot work fails once with a clear message instead of in every worker."""
+
     def setup(self) -> None:
         """Load models once per worker."""
 

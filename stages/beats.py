@@ -150,6 +150,14 @@ class Beats(Stage):
             out.update(extras_hz=c.extras_hz, shot_cut_threshold=c.shot_cut_threshold)
         return out
 
+    def preflight(self) -> None:
+        if self.uses_raft:
+            c = self.config
+            name, filename = raft_weights_name(c.flow_method)
+            resolve(name, self.run.weights, models_root(self.run.models_root), filename,
+                    cache_lookup=lambda: raft_cache_file(c.flow_method),
+                    download=lambda folder: download_raft(c.flow_method, folder))
+
     def setup(self) -> None:
         self.out_dir = Path(self.run.media_root) / "beats"
         self.out_dir.mkdir(parents=True, exist_ok=True)

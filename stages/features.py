@@ -127,6 +127,10 @@ class Features(Stage):
                 "clip_s": c.clip_s, "crop": c.crop, "layer": c.layer, "pooling": c.pooling,
                 "precision": c.precision, "weights": self.run.weights}
 
+    def preflight(self) -> None:
+        c = self.config
+        resolve_hiera_weights(c.model, c.checkpoint, self.run.weights, self.run.models_root)
+
     def setup(self) -> None:
         import torch
 

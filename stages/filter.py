@@ -142,6 +142,11 @@ class Filter(Stage):
             params.update(model=c.model, pretrained=c.pretrained, weights=self.run.weights)
         return params
 
+    def preflight(self) -> None:
+        c = self.config
+        if c.embedder == "clip":
+            resolve_clip_weights(c.model, c.pretrained, self.run.weights, self.run.models_root)
+
     def setup(self) -> None:
         c = self.config
         if c.embedder == "pixels":

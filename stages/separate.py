@@ -148,6 +148,12 @@ class Separate(Stage):
             out["random_init"] = c.random_init
         return out
 
+    def preflight(self) -> None:
+        check_config(self.config)
+        if self.run.weights != "random":
+            resolve(f"demucs/{self.config.model}", "pretrained", models_root(self.run.models_root),
+                    f"{self.config.model}.yaml")
+
     def setup(self) -> None:
         import torch
 

@@ -102,6 +102,9 @@ class Tokens(Stage):
         c = self.config
         return {"model": c.model, "clip_s": c.clip_s, "precision": c.precision, "weights": self.run.weights}
 
+    def preflight(self) -> None:
+        resolve_codec_weights(self.config.model, self.run.weights, self.run.models_root)
+
     def setup(self) -> None:
         import torch
 

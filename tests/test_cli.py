@@ -61,3 +61,23 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path):
     again = rerun.stdout.decode() + rerun.stderr.decode()
     for stage in STAGES:
         assert f"{stage}: nothing to do" in again, stage
+
+
+def test_missing_weights_fail_once_on_the_driver_with_the_fix(tmp_path: Path, capsys):
+    """A pretrained run without weights stops before any worker starts, saying how to get them."""
+    from datetime import datetime, timezone
+
+    from pipeline.manifest import ManifestStore, full_schema
+
+    store = ManifestStore(tmp_path / "m")
+    now = datetime.now(timezone.utc)
+    for stage in ("ingest", "download"):
+        store.append(stage, full_schema(STAGES[stage].schema), [{
+            "key": "url_1", "status": "ok", "reason": "", "stage_version": "1", "params_hash": "p",
+            "weights": "none", "run_id": "r", "finished_at": now, "elapsed_s": 0.0, "node": "n"}])
+    code = main(["filter", "--set", f"run.manifest_root={tmp_path / 'm'}", "--set", f"run.models_root={tmp_path / 'models'}",
+                 "--set", "run.weights=pretrained", "--set", "filter.embedder=clip", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no weights for open_clip/ViT-B-32" in err and "make weights" in err
+    assert store.latest("filter") is None  # nothing was recorded as failed for a config problem

@@ -3,6 +3,7 @@ loading, failures, and one run through the real runner. Fixtures are made here w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def clip_run(clip_stage: Filter, videos: dict[str, Path]) -> tuple[dict[str, Any
 
 def _with_config(stage: Filter, **options: Any) -> Filter:
     """The same loaded stage under other options (saves loading CLIP again)."""
-    other = make_stage(embedder=stage.config.embedder, **options)
+    other = make_stage(**{**dataclasses.asdict(stage.config), **options})
     other.embedder, other.identity, other.weights_stamp = stage.embedder, stage.identity, stage.weights_stamp
     return other
 
@@ -344,7 +345,7 @@ def test_pretrained_weights_load_from_the_models_folder(
 
 def test_pretrained_without_weights_fails_with_instructions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISCOMV_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
     monkeypatch.delenv("DISCOMV_MODELS", raising=False)
     stage = make_stage(tmp_path, run={"weights": "pretrained"}, embedder="clip")
     with pytest.raises(WeightsNotFound, match="open_clip/ViT-B-32-laion2b_s34b_b79k"):
