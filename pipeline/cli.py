@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
     p.add_argument("--out", default="demo", help="demo working folder (default: demo/)")
-    p.add_argument("--videos", type=int, default=12, help="number of synthetic videos")
+    p.add_argument("--videos", type=int, default=8, help="number of synthetic videos")
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -194,7 +194,8 @@ def run_audit(args: argparse.Namespace, cfg) -> int:
 
         if args.html:
             threshold = getattr(cfg.stages.get("filter"), "threshold", None)
-            print(f"report: {report.write_html(table, Path(args.html), threshold)}")
+            html_path = report.write_html(table, Path(args.html), threshold, audit.clip_table(store))
+            print(f"report: {html_path}")
         if args.card:
             print(f"dataset card: {report.write_card(table, Path(args.card))}")
     return 0

@@ -98,7 +98,7 @@ def write_config(work: Path, inputs: list[str]) -> Path:
     return path
 
 
-def run_demo(out: str, n_videos: int = 12, progress: bool = True) -> int:
+def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> int:
     from pipeline.config import load_config
     from pipeline.runner import run_stage
     from pipeline.summary import print_status

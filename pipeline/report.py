@@ -33,6 +33,7 @@ class Plot:
     needs: tuple[str, ...]  # columns that must hold data
     fill_with: str  # command that produces the data
     draw: Callable[[Any, list[dict[str, Any]], dict[str, Any]], None] | None  # None: stage not built yet
+    level: str = "video"  # video: one row per candidate; clip: one row per clip
 
 
 def _values(rows: list[dict[str, Any]], column: str, where: Callable[[dict], bool] = lambda r: True) -> list:
@@ -42,7 +43,8 @@ def _values(rows: list[dict[str, Any]], column: str, where: Callable[[dict], boo
 def draw_funnel(ax, rows, ctx) -> None:
     funnel = ctx["summary"]["funnel"]
     ax.bar(["candidates", *funnel], [len(rows), *funnel.values()], color="#4c72b0")
-    ax.set_ylabel("videos")
+    ax.set_ylabel("videos (clips after the fan-out)")
+    ax.tick_params(axis="x", labelrotation=30)
 
 
 def draw_reasons(ax, rows, ctx) -> None:
@@ -80,14 +82,30 @@ def draw_vocals(ax, rows, ctx) -> None:
     ax.set_xlabel(f"{ctx['vocal_column']} (vocal energy / mix after separation)")
 
 
+def draw_alignment(ax, rows, ctx) -> None:
+    ax.hist(_values(rows, "alignment_score"), bins=20, range=(0, 1), color="#937860")
+    ax.set_xlabel("fraction of video beats matched by a music beat (per clip)")
+
+
+def draw_shards(ax, rows, ctx) -> None:
+    counts = Counter((r["split"], r["shard"]) for r in rows if r.get("shards_status") == "ok" and r.get("shard"))
+    splits = sorted({split for split, _ in counts})
+    for split in splits:
+        names = sorted(shard for s, shard in counts if s == split)
+        ax.bar(names, [counts[(split, n)] for n in names], label=split)
+    ax.set_ylabel("samples")
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.legend(title="split")
+
+
 PLOTS = [
     Plot("funnel", "Candidates through the stages", ("key",), "make ingest", draw_funnel),
     Plot("reasons", "Drops and failures by reason class and source", ("key",), "make ingest", draw_reasons),
     Plot("durations", "Durations of downloaded videos", ("media_duration_s",), "make download", draw_durations),
     Plot("similarity", "Intra-video frame similarity", ("frame_similarity",), "make filter", draw_similarity),
     Plot("vocal_residual", "Vocal residual after separation", ("vocal_ratio_after",), "make separate", draw_vocals),
-    Plot("beat_alignment", "Beat-alignment score per clip", ("alignment_score",), "make beats", None),
-    Plot("shards", "Samples per shard and split", ("shard",), "make shards", None),
+    Plot("beat_alignment", "Beat-alignment score per clip", ("alignment_score",), "make beats", draw_alignment, "clip"),
+    Plot("shards", "Samples per shard and split", ("shard",), "make shards", draw_shards, "clip"),
 ]
 
 
@@ -159,8 +177,9 @@ def paper_rows(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tupl
     ]
 
 
-def write_html(table: pa.Table, path: Path, threshold: float | None = None) -> Path:
+def write_html(table: pa.Table, path: Path, threshold: float | None = None, clips: pa.Table | None = None) -> Path:
     rows = table.to_pylist()
+    clip_rows = clips.to_pylist() if clips is not None else []
     summary = summarize(table)
     ctx = {"summary": summary, "threshold": threshold, "vocal_column": "vocal_ratio_after"}
     body = [f"<h1>discomv audit</h1><p>{summary['candidates']} candidates, generated "
@@ -171,11 +190,13 @@ def write_html(table: pa.Table, path: Path, threshold: float | None = None) -> P
     body += [f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(summary["terminal"].items())]
     body.append("</table>")
     for plot in PLOTS:
-        has_data = all(c in table.column_names and table.column(c).null_count < table.num_rows for c in plot.needs)
+        source = clips if plot.level == "clip" else table
+        has_data = source is not None and all(
+            c in source.column_names and source.column(c).null_count < source.num_rows for c in plot.needs)
         if not has_data or plot.draw is None:
             body.append(_placeholder(plot.name, plot.title, plot.fill_with))
             continue
-        png = render_png(plot, rows, ctx)
+        png = render_png(plot, clip_rows if plot.level == "clip" else rows, ctx)
         body.append(f'<figure id="plot-{plot.name}"><img alt="{html.escape(plot.title)}" '
                     f'src="data:image/png;base64,{png}"><figcaption>{html.escape(plot.title)}</figcaption></figure>')
     body.append(gallery(rows, threshold))
