@@ -21,7 +21,6 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.audit import summarize
-from pipeline.runner import reason_class
 
 PAPER = {"similarity_input": 0.91, "similarity_kept": 0.61, "vocal_success": 0.95, "keep_rate": 2.2 / 15.3}
 
@@ -243,5 +242,3 @@ def write_card(table: pa.Table, path: Path) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
-
-__all__ = ["write_html", "write_card", "PLOTS", "reason_class"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
-from pipeline.stage import FAILED, STATUSES, Result, Row, SourceStage, Stage
+from pipeline.stage import STATUSES, Result, Row, SourceStage, Stage
 
 log = logging.getLogger("discomv")
 FLUSH_SECONDS = 3.0
@@ -290,5 +290,3 @@ def _node_id() -> str:
     except Exception:  # outside Ray (unit tests of the worker)
         return "local"
 
-
-__all__ = ["run_stage", "RunSummary", "StageWorker", "ensure_ray", "FAILED"]
