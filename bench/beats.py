@@ -8,14 +8,14 @@ synthetic clips in one run. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe  # noqa: E402 - bench/ is the script's folder
 
 from pipeline import synth  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
@@ -49,21 +49,6 @@ def timed(config: BeatsConfig, rows: list[dict], media_root: Path) -> tuple[floa
     return elapsed, setup_s
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"load average {load:.1f} at the start")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,7 +56,7 @@ def main() -> None:
     parser.add_argument("--size", default="640x360", help="synthetic video size (YouTube ≤360p)")
     parser.add_argument("--device", default="cpu", help="RAFT device")
     args = parser.parse_args()
-    header = machine()
+    header = describe("at the start")
     with tempfile.TemporaryDirectory(prefix="bench-beats-") as tmp:
         folder = Path(tmp)
         rows = clip_rows(folder, args.clips, args.size)

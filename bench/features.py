@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe  # noqa: E402 - bench/ is the script's folder
 
 from pipeline import synth  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
@@ -97,21 +98,6 @@ def bench_features(root: Path, rows: list[dict[str, Any]], batches: list[int], m
     return bench_stage(stage, rows, batches, configure)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} "
-            f"threads), Python {platform.python_version()}, 1-min load average at start {load:.1f}")
-
 
 def table(results: list[dict[str, Any]], models: dict[str, str]) -> str:
     lines = [
@@ -138,7 +124,7 @@ def main() -> None:
         root = Path(scratch)
         video, flac = make_media(root)
         rows = clip_rows(video, flac, max(tokens_batches + features_batches))
-        header = machine()
+        header = describe("at the start")
         results = bench_tokens(root / "media", rows, tokens_batches) if tokens_batches else []
         if features_batches:
             results += bench_features(root / "media", rows, features_batches, args.features_model)

@@ -14,8 +14,6 @@ CLI. Equality is checked on the instrumental: the CLI's float32 no_vocals.wav vs
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from machine import describe  # noqa: E402 - bench/ is the script's folder
 
 from pipeline import synth  # noqa: E402
 from stages.separate import Separate, SeparateConfig, build_random_htdemucs, save_repo_model  # noqa: E402
@@ -100,21 +100,6 @@ def max_difference(media: Path, cli_out: Path, inputs: list[Path]) -> float:
     return worst
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU "
-            f"({torch.get_num_threads()} threads), load average {load:.1f} at the end")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +133,7 @@ def main() -> None:
           f"{audio_s / stage_s:.3f} |")
     print(f"\nspeed-up ×{cli_s / stage_s:.2f}; instrumental max |ours − CLI| = {difference:.2e} "
           f"({'within' if difference <= 1e-4 else 'OVER'} 1e-4); audio {audio_s:.1f} s")
-    print(f"machine: {machine()}")
+    print(f"machine: {describe('at the end')}")
     if difference > 1e-4:
         raise SystemExit(1)
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from machine import describe  # noqa: E402 - bench/ is the script's folder
 
 from trainer import train as train_mod  # noqa: E402
 from trainer.model import count_params  # noqa: E402
@@ -62,16 +61,6 @@ def measure(config: str, shards: Path, out: Path, warmup: int, steps: int, threa
             "seconds_per_step": seconds / steps}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, no GPU, "
-            f"1-min load average {load:.1f} at start (shared machine)")
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="tiny,medium")
     args = p.parse_args(argv)
     configs = args.configs.split(",")
-    header = machine()
+    header = describe("at the start")
     lines = ["| config | params | batch | threads | s/step | samples/s | tokens/s |", "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         shards = Path(tmp) / "shards"

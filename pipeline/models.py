@@ -36,6 +36,15 @@ class Weights:
         return self.path is None
 
 
+def pick_device(device: str, num_gpus: float) -> str:
+    """A stage's `device` option: `auto` is CUDA when the worker reserved a GPU and one is there."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return device
+
+
 def models_root(configured: str = "models") -> Path:
     return Path(os.environ.get("DISCOMV_MODELS") or configured)
 

@@ -25,6 +25,12 @@ class Resources:
     batch_size: int = 8
     concurrency: int | None = None
 
+    @classmethod
+    def of(cls, config: Any) -> Resources:
+        """From a stage config with the usual num_cpus / num_gpus / batch_size / concurrency options."""
+        return cls(num_cpus=config.num_cpus, num_gpus=config.num_gpus, batch_size=config.batch_size,
+                   concurrency=config.concurrency)
+
 
 @dataclass
 class Result:

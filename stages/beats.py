@@ -49,7 +49,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, option
 from pipeline.media import MediaError
-from pipeline.models import RANDOM_INIT, Weights, models_root, resolve
+from pipeline.models import RANDOM_INIT, Weights, models_root, pick_device, resolve
 from pipeline.stage import MissingDependency, Resources, Result, Row, Stage
 
 FLOW_METHODS = ("farneback", "raft_small", "raft_large")
@@ -132,8 +132,7 @@ class Beats(Stage):
     def resources(self) -> Resources:
         c = self.config
         if self.uses_raft:
-            return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size,
-                             concurrency=c.concurrency)
+            return Resources.of(c)
         return Resources(num_cpus=c.num_cpus, batch_size=c.batch_size)
 
     def params(self) -> dict[str, Any]:
@@ -439,7 +438,7 @@ class RaftFlow:
         model = getattr(optical_flow, c.flow_method)(weights=None)
         if weights.path is not None:
             model.load_state_dict(torch.load(weights.path, map_location="cpu", weights_only=True))
-        device = c.device if c.device != "auto" else ("cuda" if c.num_gpus and torch.cuda.is_available() else "cpu")
+        device = pick_device(c.device, c.num_gpus)
         model = model.eval().to(device)
         return cls(model, weights, c.flow_method, torch.device(device), c.raft_iters, c.flow_batch)
 

@@ -34,9 +34,9 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, option
 from pipeline.media import DECODERS, FrameReader, MediaError, save_npy_atomic, window_frame_indices
-from pipeline.models import Weights, models_root, resolve
+from pipeline.models import Weights, models_root, pick_device, resolve
 from pipeline.stage import Resources, Result, Row, Stage
-from stages.tokens import check_window, pick_device, pick_precision
+from stages.tokens import check_window, pick_precision
 
 WINDOW_FRAMES = 16  # Hiera video models see 16-frame windows
 TEMPORAL_STRIDE = 2  # their patch embedding halves time: 8 steps per window
@@ -118,8 +118,7 @@ class Features(Stage):
     @property
     def resources(self) -> Resources:
         c = self.config
-        return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size,
-                         concurrency=c.concurrency)
+        return Resources.of(c)
 
     def params(self) -> dict[str, Any]:
         c = self.config

@@ -121,9 +121,7 @@ class Filter(Stage):
     @property
     def resources(self) -> Resources:
         c = self.config
-        return Resources(
-            num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size, concurrency=c.concurrency
-        )
+        return Resources.of(c)
 
     def params(self) -> dict[str, Any]:
         c = self.config

@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from pipeline.config import option
 from pipeline.media import MediaError, stream_audio, write_resampled_flac
-from pipeline.models import RANDOM_INIT, models_root, resolve, sha256_file
+from pipeline.models import RANDOM_INIT, models_root, pick_device, resolve, sha256_file
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
@@ -131,8 +131,7 @@ class Separate(Stage):
     @property
     def resources(self) -> Resources:
         c = self.config
-        return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size,
-                         concurrency=c.concurrency)
+        return Resources.of(c)
 
     def params(self) -> dict[str, Any]:
         c = self.config
@@ -159,7 +158,7 @@ class Separate(Stage):
 
         c = self.config
         check_config(c)
-        device = c.device if c.device != "auto" else ("cuda" if c.num_gpus and torch.cuda.is_available() else "cpu")
+        device = pick_device(c.device, c.num_gpus)
         self.bag, self.weights_stamp, self.weights_sha256 = load_bag(c, self.run)
         self.model_label = c.model if self.weights_stamp != RANDOM_INIT else c.random_init
         self.engine = SeparationEngine(self.bag, c, torch.device(device))

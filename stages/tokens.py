@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, option
 from pipeline.media import MediaError, read_audio_window, save_npy_atomic
-from pipeline.models import Weights, models_root, resolve
+from pipeline.models import Weights, models_root, pick_device, resolve
 from pipeline.stage import Resources, Result, Row, Stage
 
 SAMPLE_RATE = 32000
@@ -95,8 +95,7 @@ class Tokens(Stage):
     @property
     def resources(self) -> Resources:
         c = self.config
-        return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size,
-                         concurrency=c.concurrency)
+        return Resources.of(c)
 
     def params(self) -> dict[str, Any]:
         c = self.config
@@ -204,13 +203,6 @@ def check_window(row: Row, clip_s: float) -> str | None:
         return f"bad_window: clip is {end - start:g}s but clip_s is {clip_s:g}s (set clips.clip_s to match)"
     return None
 
-
-def pick_device(device: str, num_gpus: float) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    return device
 
 
 def pick_precision(precision: str, device_type: str) -> str:
