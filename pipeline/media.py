@@ -29,12 +29,17 @@ class Probe:
     rotation: int = 0
 
 
+def run_tool(cmd: list[str], timeout_s: float, timeout_reason: str) -> subprocess.CompletedProcess:
+    """Run ffmpeg/ffprobe (argument list, output captured); a timeout becomes a MediaError row reason."""
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise MediaError(timeout_reason) from e
+
+
 def probe(path: str | Path, timeout_s: float = 60) -> Probe:
     cmd = ["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise MediaError(f"probe_timeout: ffprobe took more than {timeout_s}s") from e
+    out = run_tool(cmd, timeout_s, f"probe_timeout: ffprobe took more than {timeout_s}s")
     if out.returncode != 0:
         msg = out.stderr.decode("utf-8", "replace").strip().splitlines()
         raise MediaError(f"corrupt: ffprobe cannot read the file ({msg[-1] if msg else 'no output'})")
@@ -63,10 +68,7 @@ def probe(path: str | Path, timeout_s: float = 60) -> Probe:
 def check_tail_decodes(path: str | Path, seconds: float = 2.0, timeout_s: float = 60) -> None:
     """Decode the last seconds: a file truncated after a front `moov` probes fine but fails here."""
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-sseof", f"-{seconds}", "-i", str(path), "-f", "null", "-"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise MediaError(f"decode_timeout: decoding the last {seconds}s took more than {timeout_s}s") from e
+    out = run_tool(cmd, timeout_s, f"decode_timeout: decoding the last {seconds}s took more than {timeout_s}s")
     err = out.stderr.decode("utf-8", "replace").strip()
     if out.returncode != 0 or "partial file" in err or "Invalid data" in err:
         first = err.splitlines()[0] if err else f"exit {out.returncode}"
@@ -224,10 +226,7 @@ class FrameReader:
         select = "+".join(f"eq(n\\,{i})" for i in wanted)
         cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(self.path), "-vf", f"select={select}",
                "-fps_mode", "passthrough", "-f", "image2pipe", "-c:v", "bmp", "-"]
-        try:
-            out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired as e:
-            raise MediaError(f"decode_timeout: ffmpeg took more than {timeout_s}s") from e
+        out = run_tool(cmd, timeout_s, f"decode_timeout: ffmpeg took more than {timeout_s}s")
         images = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in _split_bmps(out.stdout)]
         if len(images) < len(wanted) or any(image is None for image in images):
             err = out.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -383,10 +382,7 @@ def _read_window_ffmpeg(path: Path, start_s: float, samples: int, sample_rate: i
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-ss", f"{start_s:.6f}", "-i", str(path), "-map", "0:a:0",
            "-vn", "-ac", "1", "-ar", str(sample_rate), "-af", "aresample=resampler=soxr",
            "-t", f"{samples / sample_rate:.6f}", "-f", "f32le", "pipe:1"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise MediaError(f"decode_timeout: ffmpeg took more than {timeout_s}s") from e
+    out = run_tool(cmd, timeout_s, f"decode_timeout: ffmpeg took more than {timeout_s}s")
     if out.returncode != 0:
         err = out.stderr.decode("utf-8", "replace").strip().splitlines()
         raise MediaError(f"unreadable: soundfile: {first_error}; ffmpeg: {err[-1][:200] if err else 'no output'}")

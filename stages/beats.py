@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import MediaError
+from pipeline.media import MediaError, run_tool
 from pipeline.models import RANDOM_INIT, Weights, models_root, pick_device, resolve
 from pipeline.stage import MissingDependency, Resources, Result, Row, Stage
 
@@ -331,10 +330,7 @@ def read_clip_frames(
         "-vf", f"fps={fps}:round=up,scale={width}:{height}:flags=area,format={pix_fmt}",
         "-f", "rawvideo", "-pix_fmt", pix_fmt, "pipe:1",
     ]
-    try:
-        out = subprocess.run(cmd, capture_output=True, timeout=DECODE_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise MediaError(f"decode_timeout: ffmpeg took more than {DECODE_TIMEOUT_S:.0f}s") from e
+    out = run_tool(cmd, DECODE_TIMEOUT_S, f"decode_timeout: ffmpeg took more than {DECODE_TIMEOUT_S:.0f}s")
     frame_bytes = width * height * channels
     count = len(out.stdout) // frame_bytes
     if out.returncode != 0 or count == 0:
