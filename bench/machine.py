@@ -22,3 +22,19 @@ def describe(when: str = "at the start") -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, 1-min load average {load:.1f} {when}")
+
+
+def record(stage: str, ours: str, baseline: str, ratio: float | None, note: str = "", when: str = "at the end") -> dict:
+    """One row of the combined Performance table: this project's throughput, the named baseline's
+    measured in the same run, their ratio. Printed, and appended as a JSON line to $BENCH_RESULTS
+    when set (`make bench` collects those lines into one Markdown table)."""
+    import json
+
+    row = {"stage": stage, "ours": ours, "baseline": baseline, "ratio": ratio, "note": note,
+           "machine": describe(when)}
+    print("BENCH_RESULT " + json.dumps(row, ensure_ascii=False), flush=True)
+    target = os.environ.get("BENCH_RESULTS")
+    if target:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return row
