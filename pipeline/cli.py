@@ -130,7 +130,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         names = list(STAGES)
         first = names.index(args.first) if args.first else 0
         last = names.index(args.last) if args.last else len(names) - 1
-        for name in names[first : last + 1]:
+        chosen = names[first : last + 1]
+        stages = [STAGES[name](cfg.stage(name), cfg.run) for name in chosen]  # options checked, then weights,
+        for stage in stages:  # before hours of work start
+            stage.preflight()
+        for name in chosen:
             run_stage(name, cfg, progress=not args.no_progress)
         print_status(cfg)
         return 0

@@ -39,6 +39,16 @@ def test_bad_input_exits_2_with_message(tmp_path: Path, capsys):
     assert code == 2 and "no such file" in capsys.readouterr().err
 
 
+
+def test_run_checks_every_stage_before_any_work(tmp_path: Path, capsys):
+    """A bad option of a late stage fails `run` before ingest writes anything, naming the key."""
+    urls = tmp_path / "urls.txt"
+    urls.write_text("https://example.com/a.mp4\n")
+    code = main(["run", "--set", f"ingest.inputs=[{urls}]", "--set", f"run.manifest_root={tmp_path / 'm'}",
+                 "--set", "tokens.model=encodec_64khz", "--set", "run.weights=random", "--no-progress"])
+    assert code == 2 and "tokens.model" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").rglob("*.parquet"))
+
 def test_demo_runs_offline_end_to_end(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
