@@ -5,7 +5,7 @@ SET ?=
 ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 STAGES = ingest download filter separate clips beats tokens features shards
 
-.PHONY: setup apt pip demo test lint run audit verify cost status train compact weights bench $(STAGES)
+.PHONY: setup apt pip demo test lint run audit verify cost status train compact weights bench cluster-demo $(STAGES)
 
 setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
 
@@ -60,5 +60,46 @@ STEPS ?= 200
 train:  ## train the bundled model (tiny config) on the shards; make train SHARDS=demo/shards STEPS=50
 	discomv train --shards $(SHARDS) --config tiny --steps $(STEPS) --out runs/tiny
 
-bench:
-	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+BENCH_ARGS ?=
+bench:  ## every bench/*.py, one combined table into README.md; make bench BENCH_ARGS="--only filter,shards" or "--quick"
+	$(PYTHON) bench/run_all.py $(BENCH_ARGS)
+
+# A 2-node Ray cluster on this machine with the commands a user runs on a real one: `ray start --head`,
+# `ray start --address` for a second raylet, the demo through RAY_ADDRESS, then which node ran what.
+# Each `ray start --block` stays in the foreground of its own background job; killing that job (by its
+# PID, on any exit) stops the processes it started and nothing else (`ray stop` would stop every Ray on
+# the machine). Ports and temp dirs are per node so two raylets can share one host.
+CLUSTER_WORK ?= build/cluster-demo
+CLUSTER_PORT ?= 6390
+CLUSTER_VIDEOS ?= 8
+# short: Ray's unix socket paths live under it
+CLUSTER_TMP ?= /tmp/discomv-cluster
+comma := ,
+empty :=
+space := $(empty) $(empty)
+PLACEMENT_SQL = select stage, node, count(*) as rows, count(*) filter (where status = 'ok') as ok from \
+  (select 'ingest' as stage, node, status from ingest \
+  $(foreach s,$(filter-out ingest,$(STAGES)),union all select '$(s)', node, status from $(s))) \
+  group by stage, node order by list_position([$(subst $(space),$(comma),$(foreach s,$(STAGES),'$(s)'))], stage), node
+cluster-demo:  ## the demo on a 2-node Ray cluster on this machine; prints which node ran each stage's rows
+	@set -eu; work="$(CLUSTER_WORK)"; addr="127.0.0.1:$(CLUSTER_PORT)"; head=""; worker=""; \
+	rm -rf "$$work/demo"; mkdir -p "$$work"; work="$$(cd "$$work" && pwd)"; \
+	trap 'echo "== stopping the cluster (pids $$head $$worker)"; kill $$worker $$head 2>/dev/null || true; wait' EXIT; \
+	echo "== ray start --head --num-cpus=1 --port=$(CLUSTER_PORT)   (log: $$work/head.log)"; \
+	ray start --head --block --num-cpus=1 --port=$(CLUSTER_PORT) --node-ip-address=127.0.0.1 \
+	  --temp-dir="$(CLUSTER_TMP)/head" --include-dashboard=false --dashboard-agent-listen-port=0 \
+	  --disable-usage-stats >"$$work/head.log" 2>&1 & head=$$!; \
+	for i in $$(seq 60); do ray status --address="$$addr" >/dev/null 2>&1 && break; sleep 2; done; \
+	echo "== ray start --address=$$addr --num-cpus=1   (a second raylet; log: $$work/worker.log)"; \
+	ray start --block --address="$$addr" --num-cpus=1 --node-ip-address=127.0.0.1 \
+	  --temp-dir="$(CLUSTER_TMP)/worker" --dashboard-agent-listen-port=0 \
+	  --disable-usage-stats >"$$work/worker.log" 2>&1 & worker=$$!; \
+	for i in $$(seq 60); do [ "$$(ray status --address="$$addr" 2>/dev/null | grep -c ' node_')" -ge 2 ] && break; sleep 2; done; \
+	ray status --address="$$addr" | sed -n '/Node status/,/Pending/p'; \
+	echo "== RAY_ADDRESS=$$addr discomv demo --out $$work/demo --videos $(CLUSTER_VIDEOS)"; \
+	RAY_ADDRESS="$$addr" discomv demo --out "$$work/demo" --videos $(CLUSTER_VIDEOS) --no-progress; \
+	echo "== nodes"; \
+	RAY_ADDRESS="$$addr" $(PYTHON) -c "import ray; ray.init(logging_level='ERROR'); \
+	  [print(n['NodeID'][:12], 'head' if 'node:__internal_head__' in n['Resources'] else 'worker', n['Resources'].get('CPU')) for n in ray.nodes() if n['Alive']]"; \
+	echo "== placement: rows per stage and node (discomv audit --sql)"; \
+	discomv audit -c "$$work/demo/config.yaml" --sql "$(PLACEMENT_SQL)"

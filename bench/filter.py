@@ -3,24 +3,24 @@
     python bench/filter.py [--videos 32] [--duration 60] [--media build/bench_media] [--set frames=8 ...]
 
 Same videos (half moving, a quarter looped stills, a quarter two-image slideshows; made once with
-pipeline.synth and cached), same CLIP (ViT-B-32, random init: there are no weights offline; both
-paths use the very same model object), same 16 frame indices:
+pipeline.synth and cached), same CLIP (ViT-B-32, random init: there are no weights offline; every
+path builds it from the same seed), same 16 frame indices:
 
-- naive: one video at a time, decode every frame, keep 16, CLIP the 16 in one forward pass;
+- naive: one video at a time, decode every frame, keep 16, CLIP (fp32) the 16 in one forward pass;
 - stage: `Filter.process` on batches of `filter.batch_size` videos with its defaults (keyframe-aware
   seeking, parallel decode, static pre-check, one embedding per picture, early drop, forward
-  passes shared across videos);
-- stage, seeking + batching only: the same with picture sharing and early drop off;
+  passes shared across videos, `precision=auto`);
+- stage, fp32: the same with `precision=fp32`, to show what bf16 adds and what it doesn't;
 - decode only: the stage's frame reads alone, with the same parallelism (what the stage can't beat).
 
 The paths run interleaved batch by batch, so load from other processes hits them alike. Prints a
-Markdown table and the keep/drop agreement between naive and stage; exits 1 if decisions differ.
+Markdown table and the keep/drop agreement between naive and each stage path; exits 1 if any
+decision differs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -30,14 +30,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipeline import synth
-from pipeline.config import load_config_dict
-from pipeline.media import FrameReader, uniform_indices
-from stages.filter import Filter, frame_similarity
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe, record  # noqa: E402 - bench/ is the script's folder
+
+from pipeline import synth  # noqa: E402
+from pipeline.config import load_config_dict  # noqa: E402
+from pipeline.media import FrameReader, uniform_indices  # noqa: E402
+from stages.filter import Filter, frame_similarity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("moving", "moving", "still", "slideshow")  # half moving, half static or slideshow
 NAIVE_FRAMES = 16
+STAGE_PATHS = ("stage", "stage_fp32")
 
 
 def make_corpus(folder: Path, n: int, duration_s: float) -> list[tuple[str, Path]]:
@@ -114,11 +119,10 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per video")
     parser.add_argument("--media", default=str(REPO / "build" / "bench_media"), help="where generated videos are cached")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="filter option for the stage paths (the naive loop stays at 16 frames)")
+                        help="filter option for the stage paths (the naive loop stays at 16 frames, fp32)")
     args = parser.parse_args()
     options = parse_options(args.set)
-
-    import torch
+    machine_at_start = describe("at the start")
 
     corpus = make_corpus(Path(args.media), args.videos, args.duration)
     random.Random(0).shuffle(corpus)  # batches mix kinds, as a real stream would
@@ -126,61 +130,79 @@ def main() -> int:
 
     stage = build_stage(**options)
     stage.setup()
-    plain = build_stage(**{**options, "identical_frame_tolerance": -1, "early_drop_frames": 0})
-    plain.embedder, plain.identity, plain.weights_stamp = stage.embedder, stage.identity, stage.weights_stamp
+    fp32 = build_stage(**{**options, "precision": "fp32"})
+    fp32.setup()  # its CLIP is also the naive loop's: fp32, the same seed as the stage's
+    picked = stage.identity["precision"]
 
     seconds: Counter = Counter()
     cpu_seconds: Counter = Counter()
     naive: dict[str, tuple[float, bool]] = {}
-    fast: dict[str, Any] = {}
-    load_before = os.getloadavg()[0]
+    decisions: dict[str, dict[str, Any]] = {name: {} for name in STAGE_PATHS}
     batch = stage.config.batch_size
     for start in range(0, len(corpus), batch):
         paths = [path for _, path in corpus[start : start + batch]]
         rows = [{"key": p.stem, "video_path": str(p)} for p in paths]
         runs = {
-            "naive": lambda paths=paths: {p.stem: naive_one(p, stage) for p in paths},
+            "naive": lambda paths=paths: {p.stem: naive_one(p, fp32) for p in paths},
             "stage": lambda rows=rows: {r.key: r for r in stage.process(rows)},
-            "plain": lambda rows=rows: plain.process(rows),
+            "stage_fp32": lambda rows=rows: {r.key: r for r in fp32.process(rows)},
             "decode": lambda paths=paths: decode_only(paths, stage.config.frames, stage.config.decode_threads),
         }
         for name, run in runs.items():
             wall, cpu, out = timed(run)
             seconds[name] += wall
             cpu_seconds[name] += cpu
-            if name in ("naive", "stage"):
-                (naive if name == "naive" else fast).update(out)
+            if name == "naive":
+                naive.update(out)
+            elif name in decisions:
+                decisions[name].update(out)
         print(f"  {start + len(paths)}/{len(corpus)} videos", file=sys.stderr, flush=True)
-    load_after = os.getloadavg()[0]
 
     n = len(corpus)
     rate = {name: n / s for name, s in seconds.items()}
+    described = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
     labels = {
-        "naive": "naive loop: decode every frame, CLIP 16, one video at a time",
-        "stage": "filter stage (" + (", ".join(f"{k}={v}" for k, v in options.items()) or "defaults") + ")",
-        "plain": "filter stage, seeking + batching only (no picture sharing, no early drop)",
+        "naive": "naive loop: decode every frame, CLIP 16 (fp32), one video at a time",
+        "stage": f"filter stage ({described}; precision=auto picked {picked})",
+        "stage_fp32": f"filter stage ({described}, precision=fp32)",
         "decode": f"decode only: the stage's {stage.config.frames} frames per video (the limit)",
     }
-    print(f"\n### filter: {n} videos × {args.duration:g} s, 320×240, 25 fps ({Counter(kind_of.values())})\n")
+    print(f"\n### filter: {n} videos × {args.duration:g} s, 320×240, 25 fps ({dict(Counter(kind_of.values()))})\n")
     print(
-        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} on {stage.embedder.device}, "
-        f"{torch.get_num_threads()} torch threads, decode_threads={stage.config.decode_threads}, "
-        f"batch_size={batch}; load average {load_before:.1f} → {load_after:.1f}; "
-        f"CLIP {stage.embedder.model_name} weights={stage.weights_stamp}; stage options {options or 'defaults'}\n"
+        f"machine: {machine_at_start}; decode_threads={stage.config.decode_threads}, batch_size={batch}; "
+        f"CLIP {stage.embedder.model_name} weights={stage.weights_stamp}, stage precision {picked}\n"
     )
     print("| path | wall s | videos/s | × naive | CPU s per video | × naive (CPU) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in ("naive", "stage", "plain", "decode"):
+    for name in ("naive", "stage", "stage_fp32", "decode"):
         per_video = cpu_seconds[name] / n
         print(
             f"| {labels[name]} | {seconds[name]:.1f} | {rate[name]:.2f} | {rate[name] / rate['naive']:.2f}× "
             f"| {per_video:.3f} | {cpu_seconds['naive'] / cpu_seconds[name]:.2f}× |"
         )
+    print(f"\nstage vs decode only: {seconds['stage'] / seconds['decode']:.2f}× the pure decode time")
 
-    return report_decisions(naive, fast, kind_of, stage.config.threshold)
+    differ = sum(report_decisions(naive, decisions[name], kind_of, stage.config.threshold, labels[name])
+                 for name in STAGE_PATHS)
+    print(
+        "\nrandom-init CLIP: the scores exercise the mechanics, not the semantics; with real weights "
+        "the share of early drops (and so the stage's rate) will differ"
+    )
+    record(
+        "filter",
+        f"filter stage, precision={picked}: {rate['stage']:.2f} videos/s ({n} × {args.duration:g} s videos, "
+        f"half moving; fp32 stage {rate['stage_fp32']:.2f}, decode-only limit {rate['decode']:.2f})",
+        f"naive loop (decode all, CLIP 16 fp32, one at a time): {rate['naive']:.2f} videos/s",
+        rate["stage"] / rate["naive"],
+        note=f"keep/drop identical to naive: {'yes' if not differ else f'NO, {differ} differ'}; random-init CLIP",
+    )
+    return 1 if differ else 0
 
 
-def report_decisions(naive: dict[str, tuple[float, bool]], fast: dict[str, Any], kind_of: dict[str, str], threshold: float) -> int:
+def report_decisions(
+    naive: dict[str, tuple[float, bool]], fast: dict[str, Any], kind_of: dict[str, str], threshold: float, label: str
+) -> int:
+    """Prints how one stage path decided, against naive; returns the number of differing decisions."""
     differ = [k for k in naive if naive[k][1] != (fast[k].status == "dropped")]
     by_kind: dict[str, Counter] = defaultdict(Counter)
     for key, result in fast.items():
@@ -188,20 +210,16 @@ def report_decisions(naive: dict[str, tuple[float, bool]], fast: dict[str, Any],
     scored = [k for k in fast if fast[k].metrics.get("decided_by") == "embedder"]
     delta = max((abs(fast[k].metrics["frame_similarity"] - naive[k][0]) for k in scored), default=0.0)
     closest = min(abs(naive[k][0] - threshold) for k in naive)
-    print(f"\nkeep/drop decisions, naive vs stage: {len(naive) - len(differ)}/{len(naive)} identical")
+    print(f"\nkeep/drop decisions, naive vs {label}: {len(naive) - len(differ)}/{len(naive)} identical")
     for kind, counts in sorted(by_kind.items()):
         print(f"- {kind}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print(
         f"- max |frame_similarity stage − naive| over videos the stage scored on every frame: {delta:.4f}; "
         f"naive score closest to the threshold: {closest:.3f} away"
     )
-    print(
-        "- random-init CLIP: the scores exercise the mechanics, not the semantics; with real weights "
-        "the share of early drops (and so the stage's rate) will differ"
-    )
     for key in differ:
         print(f"  DIFFERENT: {key}: naive {naive[key][0]:.4f}, stage {fast[key].status} {fast[key].reason}")
-    return 1 if differ else 0
+    return len(differ)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine import describe  # noqa: E402 - bench/ is the script's folder
+from machine import describe, record  # noqa: E402 - bench/ is the script's folder
 
 from trainer import train as train_mod  # noqa: E402
 from trainer.model import count_params  # noqa: E402
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = args.configs.split(",")
     header = describe("at the start")
     lines = ["| config | params | batch | threads | s/step | samples/s | tokens/s |", "|---|---|---|---|---|---|---|"]
+    measured: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         shards = Path(tmp) / "shards"
         shards.mkdir()
@@ -82,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(config, shards, Path(tmp) / config, args.warmup, args.steps, args.threads)
             lines.append(f"| {config} | {r['params'] / 1e6:.1f}M | {r['batch']} | {args.threads} | "
                          f"{r['seconds_per_step']:.2f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} |")
+            measured.append(f"{config} ({r['params'] / 1e6:.1f}M): {r['samples_per_s']:.2f} samples/s, "
+                            f"{r['tokens_per_s']:,.0f} tokens/s")
     print(f"\nTrainer throughput, CPU: {header}\n")
     print("\n".join(lines))
+    record("train", "; ".join(measured) + f" ({args.threads} thread(s))", "no baseline", None)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,14 +66,26 @@ def probe(path: str | Path, timeout_s: float = 60) -> Probe:
     )
 
 
-def check_tail_decodes(path: str | Path, seconds: float = 2.0, timeout_s: float = 60) -> None:
-    """Decode the last seconds: a file truncated after a front `moov` probes fine but fails here."""
+def check_tail_decodes(path: str | Path, seconds: float = 2.0, timeout_s: float = 60,
+                       info: Probe | None = None) -> None:
+    """Decode the last seconds: a file truncated after a front `moov` probes fine but fails here, and
+    so does a stream whose packets are damaged (`corrupt_audio` / `corrupt_video`, named from the
+    decoder in ffmpeg's messages when `info` gives the codecs)."""
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-sseof", f"-{seconds}", "-i", str(path), "-f", "null", "-"]
     out = run_tool(cmd, timeout_s, f"decode_timeout: decoding the last {seconds}s took more than {timeout_s}s")
     err = out.stderr.decode("utf-8", "replace").strip()
-    if out.returncode != 0 or "partial file" in err or "Invalid data" in err:
-        first = err.splitlines()[0] if err else f"exit {out.returncode}"
+    if out.returncode == 0 and not err:
+        return
+    lines = [re.sub(r" @ 0x[0-9a-f]+\]", "]", line) for line in err.splitlines()]  # no pointers in reasons
+    first = lines[0] if lines else f"exit {out.returncode}"
+    if "partial file" in err or "moov atom not found" in err or not lines:
         raise MediaError(f"truncated: the end of the file does not decode ({first})")
+    for kind, codec in (("audio", info and info.acodec), ("video", info and info.vcodec)):
+        complaint = next((line for line in lines if codec and line.startswith(f"[{codec}]")), None)
+        if complaint:
+            raise MediaError(f"corrupt_{kind}: the {kind} stream ({codec}) does not decode ({complaint})")
+    if out.returncode != 0 or "Invalid data" in err or "error while decoding" in err.lower():
+        raise MediaError(f"corrupt: the end of the file does not decode ({first})")
 
 
 def _is_cover_art(stream: dict[str, Any]) -> bool:
@@ -151,16 +164,47 @@ class FrameReader:
     def duration_s(self) -> float:
         return self.frame_count / self.fps if self.fps else 0.0
 
-    def read(self, indices: list[int]) -> list[Any]:
+    def frame_starts(self) -> Any:
+        """Each frame's start time in seconds: the container's timestamps through decord (right for
+        variable frame rates, where index / average fps drifts), index / fps for the ffmpeg fallback."""
+        import numpy as np
+
+        if self.decoder == "decord" and self.frame_count:
+            return np.asarray(self._reader.get_frame_timestamp(range(self.frame_count))[:, 0], dtype=np.float64)
+        return np.arange(self.frame_count) / (self.fps or 25.0)
+
+    def indices_at(self, times_s: list[float]) -> tuple[list[int], int]:
+        """The frame whose start is nearest each time, and how many times fall before the end of the
+        last frame (the rest repeat the last frame, so a partial clip still gets every index)."""
+        import numpy as np
+
+        starts = self.frame_starts()
+        if len(starts) == 0:
+            return [], 0
+        times = np.asarray(times_s, dtype=np.float64)
+        after = np.clip(np.searchsorted(starts, times), 1, len(starts) - 1) if len(starts) > 1 else np.zeros(
+            len(times), dtype=int)
+        before = np.maximum(after - 1, 0)
+        nearest = np.where(np.abs(times - starts[before]) <= np.abs(starts[after] - times), before, after)
+        period = (starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else 1.0 / (self.fps or 25.0)
+        end = starts[-1] + (self.duration_s - starts[-1] if self.decoder != "decord" else period)
+        if self.decoder == "decord":
+            end = float(self._reader.get_frame_timestamp([self.frame_count - 1])[0, 1])
+        return [int(i) for i in nearest], int((times < end).sum())
+
+    def read(self, indices: list[int], transform: Callable[[Any], Any] | None = None) -> list[Any]:
+        """The frames at `indices`; `transform` (e.g. a resize) is applied to each frame as soon as
+        it is decoded, so a 4K video never holds more than one full-size frame at a time."""
+        keep = transform or (lambda frame: frame)
         if self.decoder == "decord":
             try:
-                return self._read_decord(indices)
+                return self._read_decord(indices, keep)
             except _decord_errors() as e:
                 self.failures.append(f"decord: {_short(e)}")
                 if not self.may_fall_back:
                     raise MediaError(f"unreadable: decord cannot decode the file ({_short(e)})") from e
                 self._open_ffmpeg()
-        return self._read_ffmpeg(indices)
+        return self._read_ffmpeg(indices, keep)
 
     # decord ------------------------------------------------------------
 
@@ -180,7 +224,7 @@ class FrameReader:
         self.fps = float(self._reader.get_avg_fps() or 0.0)
         return True
 
-    def _read_decord(self, indices: list[int]) -> list[Any]:
+    def _read_decord(self, indices: list[int], keep: Callable[[Any], Any]) -> list[Any]:
         """Each wanted frame costs decoding from its keyframe, but frames of one GOP are reached by
         decoding forward from the previous one, never by seeking back to the keyframe (decord's
         get_batch seeks for every index: ~2x slower on long GOPs, same frames)."""
@@ -198,7 +242,11 @@ class FrameReader:
                 position = keyframe
             if index > position:
                 reader.skip_frames(index - position)
-            decoded[index] = reader.next().asnumpy()
+            frame = reader.next().asnumpy()
+            if frame.ndim != 3 or frame.shape[2] != 3:
+                # decord mis-sizes frames a few pixels wide (a 1x1 video comes back 1x1x96)
+                raise ValueError(f"decord returned a frame of shape {frame.shape}")
+            decoded[index] = keep(frame)
             position = index + 1
         return [decoded[i] for i in indices]
 
@@ -216,7 +264,7 @@ class FrameReader:
         self.fps = info.fps or 25.0
         self.frame_count = int(info.duration_s * self.fps)
 
-    def _read_ffmpeg(self, indices: list[int], timeout_s: float = 600) -> list[Any]:
+    def _read_ffmpeg(self, indices: list[int], keep: Callable[[Any], Any], timeout_s: float = 600) -> list[Any]:
         """One ffmpeg pass that keeps the wanted frame numbers: a full decode, but exact frames and
         no timestamp-seeking quirks (MPEG-TS, GIF); only files decord cannot read come here."""
         import cv2
@@ -227,12 +275,16 @@ class FrameReader:
         cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(self.path), "-vf", f"select={select}",
                "-fps_mode", "passthrough", "-f", "image2pipe", "-c:v", "bmp", "-"]
         out = run_tool(cmd, timeout_s, f"decode_timeout: ffmpeg took more than {timeout_s}s")
-        images = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in _split_bmps(out.stdout)]
-        if len(images) < len(wanted) or any(image is None for image in images):
+        decoded: dict[int, Any] = {}
+        for index, bmp in zip(wanted, _split_bmps(out.stdout), strict=False):
+            image = cv2.imdecode(np.frombuffer(bmp, np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                break
+            decoded[index] = keep(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        if len(decoded) < len(wanted):
             err = out.stderr.decode("utf-8", "replace").strip().splitlines()
-            detail = f"ffmpeg decoded {len(images)} of {len(wanted)} frames" + (f" ({err[-1]})" if err else "")
+            detail = f"ffmpeg decoded {len(decoded)} of {len(wanted)} frames" + (f" ({err[-1]})" if err else "")
             raise MediaError(f"unreadable: {'; '.join([*self.failures, detail])}")
-        decoded = {i: cv2.cvtColor(image, cv2.COLOR_BGR2RGB) for i, image in zip(wanted, images[: len(wanted)], strict=True)}
         return [decoded[i] for i in indices]
 
 

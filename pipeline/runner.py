@@ -8,6 +8,7 @@ re-run redoes only those.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
 from pipeline.stage import STATUSES, Result, Row, SourceStage, Stage
 
@@ -182,6 +183,17 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     blocks = max(1, min(len(items), -(-len(items) // res.batch_size)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     config_json = json.dumps(cfg.as_dict())
+    if res.prepare_cpus and stage_cls.has_prepare():
+        _check_prepare_fits(name, res)
+        # Separate CPU tasks, streamed into the workers below while those run. Ray Data fuses a task
+        # map into the next (actor) map when their remote args are equal, which would put the
+        # prepare step back inside the actors; an explicit max_calls=0 (Ray's default for CPU tasks:
+        # workers are reused, as _PREPARERS assumes) keeps them apart. tests/test_runner_prepare.py
+        # checks that the two run in different processes.
+        ds = ds.map_batches(
+            _prepare_in_task, fn_args=(stage_cls, name, config_json), batch_size=res.batch_size,
+            num_cpus=res.prepare_cpus, max_calls=0,
+        )
     # A worker or actor that dies mid-batch is retried by Ray Data's defaults (actors restart,
     # their tasks retry); a row is recorded only when its batch's results reach the driver.
     common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
@@ -214,7 +226,7 @@ class StageWorker:
         self.node = _node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = [json.loads(r) for r in batch["row"]]
+        rows = unpack_rows(batch)
         results = self.process_safely(rows)
         return {"result": [json.dumps(r, default=str) for r in results]}
 
@@ -272,6 +284,81 @@ class StageWorker:
 
 
 _WORKERS: dict[tuple[int, str, str], StageWorker] = {}
+_PREPARERS: dict[tuple[int, str, str], Stage] = {}
+
+
+def _check_prepare_fits(name: str, res: Any) -> None:
+    """Actors hold their CPUs for the whole run: when they take every CPU, the prepare tasks
+    upstream of them could never be scheduled and the run would hang."""
+    import ray
+
+    if not res.concurrency:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    needed = res.concurrency * res.num_cpus + res.prepare_cpus
+    if needed > total:
+        raise ConfigError(
+            f"{name}: {res.concurrency} actors × {name}.num_cpus={res.num_cpus:g} plus {res.prepare_cpus:g} CPUs "
+            f"for its prepare tasks need {needed:g} CPUs, the Ray cluster has {total:g}: lower "
+            f"{name}.concurrency or {name}.num_cpus, or the stage's prepare CPUs option"
+        )
+
+
+def _prepare_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str) -> dict[str, Any]:
+    """The stage's prepare step in a plain CPU task: the stage is built (no models loaded) once
+    per worker process."""
+    key = (id(stage_cls), name, config_json)
+    if key not in _PREPARERS:
+        from pipeline.config import load_config_dict
+
+        cfg = load_config_dict(json.loads(config_json))
+        _PREPARERS[key] = stage_cls(cfg.stage(name), cfg.run)
+    packed = prepare_safely(_PREPARERS[key], [json.loads(r) for r in batch["row"]])
+    return {"row": [row for row, _ in packed], "arrays": [arrays for _, arrays in packed]}
+
+
+def prepare_safely(stage: Stage, rows: list[Row]) -> list[tuple[str, bytes]]:
+    """Prepared rows, packed, one per input row. A batch whose prepare raises, answers with other
+    keys or returns what cannot be packed is retried row by row; a row that still fails goes on
+    un-prepared, so process() prepares it again and the failure is recorded against its key."""
+    try:
+        prepared = stage.prepare(rows)
+        if [r.get("key") for r in prepared] != [r["key"] for r in rows]:
+            raise RuntimeError(f"stage {stage.name}.prepare returned other keys than it was given")
+        return [pack_row(row) for row in prepared]
+    except Exception:
+        if len(rows) != 1:
+            return [packed for row in rows for packed in prepare_safely(stage, [row])]
+        err = traceback.format_exc(limit=3).strip().splitlines()[-1]
+        log.warning("%s: prepare failed on %s (process() will retry it): %s", stage.name, rows[0].get("key"), err)
+        return [pack_row(rows[0])]
+
+
+def pack_row(row: Row) -> tuple[str, bytes]:
+    """A row → (JSON of its plain fields, .npz of its numpy array fields or b""): arrays of any
+    shape and count cross Ray as one binary column, and load back without pickle."""
+    import numpy as np
+
+    arrays = {k: v for k, v in row.items() if isinstance(v, np.ndarray)}
+    if any(a.dtype.hasobject for a in arrays.values()):
+        raise ValueError("object arrays cannot cross without pickle")
+    blob = b""
+    if arrays:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        blob = buffer.getvalue()
+    return json.dumps({k: v for k, v in row.items() if k not in arrays}, default=str), blob
+
+
+def unpack_rows(batch: dict[str, Any]) -> list[Row]:
+    import numpy as np
+
+    rows = [json.loads(r) for r in batch["row"]]
+    for row, blob in zip(rows, batch.get("arrays", ()), strict=False):
+        if len(blob):
+            with np.load(io.BytesIO(bytes(blob)), allow_pickle=False) as arrays:
+                row.update({name: arrays[name] for name in arrays.files})
+    return rows
 
 
 def _process_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str) -> dict[str, Any]:

@@ -8,12 +8,16 @@ and is removed. `index.parquet` (and `wids-{split}.json`) are rebuilt from the s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import math
 import os
+import queue
 import re
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,25 +60,63 @@ def split_member(name: str) -> tuple[str, str]:
     return key, ext
 
 
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_PARSED_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+    """`np.save`'s bytes for `array`; the header is made by numpy once per (dtype, shape)."""
+    array = np.ascontiguousarray(array)
+    spec = (array.dtype.str, array.shape)
+    if spec not in _NPY_HEADERS:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(array.shape, array.dtype), allow_pickle=False)
+        _NPY_HEADERS[spec] = buf.getvalue()[: buf.tell() - array.nbytes]
+    return _NPY_HEADERS[spec] + array.tobytes()
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, fortran order, dtype, data offset) of .npy bytes, or None if they aren't .npy.
+    Parsed by numpy once per distinct header: a run's token (or feature) files all share one."""
+    fmt = np.lib.format
+    head = io.BytesIO(data[: fmt.MAGIC_LEN + 4])
+    try:
+        version = fmt.read_magic(head)
+    except ValueError:
+        return None
+    length_bytes = 2 if version == (1, 0) else 4
+    end = fmt.MAGIC_LEN + length_bytes + int.from_bytes(data[fmt.MAGIC_LEN: fmt.MAGIC_LEN + length_bytes], "little")
+    raw = data[:end]
+    if raw not in _PARSED_HEADERS:
+        if len(_PARSED_HEADERS) > 256:  # many distinct shapes: don't grow without bound
+            _PARSED_HEADERS.clear()
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None
+        try:
+            _PARSED_HEADERS[raw] = read_header(io.BytesIO(raw[fmt.MAGIC_LEN:]))
+        except ValueError:
+            return None
+    shape, fortran, dtype = _PARSED_HEADERS[raw]
+    return shape, fortran, dtype, end
 
 
 def npy_file_bytes(path: str | Path, dtype: str, ndim: int) -> bytes:
-    """The bytes of an .npy file, as they are when its header already says `dtype` with `ndim`
-    dimensions (no decode/re-encode: the common case), else loaded and converted."""
+    """The bytes of an .npy file, read once and passed through as they are when the header already
+    says C-order `dtype` with `ndim` dimensions and the data are complete (the common case), else
+    loaded and converted."""
     with open(path, "rb") as f:
-        fmt = np.lib.format
-        version = fmt.read_magic(f)
-        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-        if read_header:
-            shape, fortran, file_dtype = read_header(f)
-            if file_dtype == np.dtype(dtype) and len(shape) == ndim and not fortran:
-                f.seek(0)
-                return f.read()
-    array = np.load(path, allow_pickle=False)
+        data = f.read()
+    header = npy_header(data)
+    if header:
+        shape, fortran, file_dtype, offset = header
+        complete = len(data) - offset == math.prod(shape) * file_dtype.itemsize
+        if file_dtype == np.dtype(dtype) and len(shape) == ndim and not fortran and complete:
+            return data
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError) as e:
+        raise ShardError(f"bad_array: {Path(path).name} is not a readable .npy ({e})") from e
     if array.ndim != ndim:
         raise ShardError(f"bad_array: {Path(path).name} has shape {array.shape}, expected {ndim} dimensions")
     return npy_bytes(array.astype(dtype))
@@ -82,6 +124,149 @@ def npy_file_bytes(path: str | Path, dtype: str, ndim: int) -> bytes:
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class TarShardWriter:
+    """Writes WebDataset samples as a plain tar — the very bytes of webdataset's
+    `TarWriter(encoder=False, mtime=0)` — while hashing it, and fsyncs it on `close`.
+
+    Member headers come from `tarfile.TarInfo.tobuf` (tarfile's own format), but the member data
+    go to the file as they are, skipping tarfile's stream layer that copies every member through
+    a 10 KB buffer. sha256 and the writes run on a second thread (both release the GIL on large
+    buffers) while the caller reads and builds the next samples; batches are bounded, so memory is
+    too. A write error (disk full) is raised by the next `write` or by `close`.
+    """
+
+    BATCH_BYTES = 8 << 20
+    LARGE = 64 << 10
+    QUEUED_BATCHES = 3
+    IOV_MAX = 1024  # POSIX minimum of buffers per writev (Linux allows exactly this)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.batch: list[bytes] = []
+        self.small: list[bytes] = []
+        self.batch_bytes = 0
+        self.error: Exception | None = None
+        self.batches: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=self.QUEUED_BATCHES)
+        self.thread = threading.Thread(target=self._hash_and_write, name=f"shard-writer {path.name}", daemon=True)
+        self.thread.start()
+
+    def write(self, sample: dict[str, bytes]) -> None:
+        """Members `{key}.{ext}` in sorted order, as `TarWriter.write` lays them out."""
+        key = sample["__key__"]
+        for ext in sorted(sample):
+            if ext.startswith("_"):
+                continue
+            data = sample[ext]
+            self._add(member_header(f"{key}.{ext}", len(data)))
+            self._add(data)
+            if len(data) % tarfile.BLOCKSIZE:
+                self._add(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+        if self.batch_bytes >= self.BATCH_BYTES:
+            self._send()
+
+    def close(self) -> tuple[int, str]:
+        """End the archive (two zero blocks, padded to a whole record like tarfile), wait for the
+        writes, fsync. Returns (bytes, sha256 hex). On error the partial file is removed."""
+        end = self.size + 2 * tarfile.BLOCKSIZE
+        self._add(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+        try:
+            self._send()
+            self._stop()
+            if self.error:
+                raise self.error
+            os.fsync(self.fd)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self.fd)
+        self.fd = -1
+        return self.size, self.sha.hexdigest()
+
+    def abort(self) -> None:
+        """Stop writing and remove the partial file."""
+        self._stop()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _add(self, data: bytes) -> None:
+        # Headers, padding and small members are joined into one buffer between large members:
+        # the writer thread then takes the GIL a few times per sample instead of once per piece.
+        if len(data) >= self.LARGE:
+            self._join_small()
+            self.batch.append(data)
+        else:
+            self.small.append(data)
+        self.batch_bytes += len(data)
+        self.size += len(data)
+
+    def _join_small(self) -> None:
+        if self.small:
+            self.batch.append(b"".join(self.small))
+            self.small = []
+
+    def _send(self) -> None:
+        if self.error:
+            raise self.error
+        self._join_small()
+        self.batches.put(self.batch)
+        self.batch, self.batch_bytes = [], 0
+
+    def _stop(self) -> None:
+        if self.thread.is_alive():
+            self.batches.put(None)
+            self.thread.join()
+
+    def _hash_and_write(self) -> None:
+        while (batch := self.batches.get()) is not None:
+            if self.error:
+                continue  # keep draining so the producer never blocks on a full queue
+            try:
+                for data in batch:
+                    self.sha.update(data)
+                for start in range(0, len(batch), self.IOV_MAX):
+                    write_all(self.fd, batch[start: start + self.IOV_MAX])
+            except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it
+                self.error = e
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header TarWriter gives a member. tarfile's default PAX format adds an extended header
+    only for names over 100 bytes (or non-ASCII, or huge sizes); otherwise its bytes are exactly
+    the USTAR header, which is quicker to make."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "bigdata", "bigdata"
+    simple = len(name) <= tarfile.LENGTH_NAME and name.isascii() and size < 0o77777777777
+    return info.tobuf(tarfile.USTAR_FORMAT if simple else tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def write_all(fd: int, buffers: list[bytes]) -> None:
+    """One writev; a short write (disk nearly full) is finished with plain writes, which raise
+    the real error (ENOSPC) if there is one."""
+    written = os.writev(fd, buffers)
+    if written < sum(len(b) for b in buffers):
+        rest = memoryview(b"".join(buffers))[written:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+
+
+def write_failure(error: OSError, what: str) -> str:
+    """A row reason for a failed write: `disk_full: ...` when out of space or quota."""
+    kind = "disk_full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "write_error"
+    return f"{kind}: {error.strerror or error} while writing {what}"
 
 
 class HashingFile(io.RawIOBase):
@@ -129,9 +314,12 @@ def sidecar_path(root: Path, shard: str) -> Path:
 def write_sidecar(root: Path, info: ShardInfo) -> None:
     path = sidecar_path(root, info.shard)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"shard": info.shard, "split": info.split, "keys": info.keys,
-                               "bytes": info.bytes, "sha256": info.sha256}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"shard": info.shard, "split": info.split, "keys": info.keys,
+                                   "bytes": info.bytes, "sha256": info.sha256}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_shards(root: Path, clean: bool = False) -> dict[str, ShardInfo]:

@@ -18,12 +18,15 @@ STATUSES = (OK, DROPPED, FAILED)
 @dataclass(frozen=True)
 class Resources:
     """What one worker of a stage needs. `concurrency=None` runs stateless Ray tasks;
-    an int runs that many long-lived actors (models loaded once per actor)."""
+    an int runs that many long-lived actors (models loaded once per actor). `prepare_cpus`: CPUs
+    per Ray task of the stage's `prepare` step, run upstream of those workers; None runs no such
+    step (process() then prepares rows itself)."""
 
     num_cpus: float = 1
     num_gpus: float = 0
     batch_size: int = 8
     concurrency: int | None = None
+    prepare_cpus: float | None = None
 
     @classmethod
     def of(cls, config: Any) -> Resources:
@@ -106,6 +109,20 @@ class Stage:
         """Download this stage's real weights under `root` (needs network); returns
         (model name, file) pairs for `discomv weights` to pin by sha256."""
         return []
+
+    def prepare(self, rows: list[Row]) -> list[Row]:
+        """Optional CPU-only step before `process` (decoding, say), with no model loaded: one row
+        back per row, same keys, same order, each with fields added; values JSON-able or numpy
+        arrays. Under Ray, when `resources.prepare_cpus` is set, the runner runs it in separate CPU
+        tasks upstream of the workers that run `process`, so a GPU worker is never left waiting on
+        a decode. A stage that overrides it must still accept un-prepared rows in `process` (direct
+        calls, or a prepare that raised) and turn a row it could not prepare into a failed Result
+        there, never drop it. Default: no prepare step."""
+        return rows
+
+    @classmethod
+    def has_prepare(cls) -> bool:
+        return cls.prepare is not Stage.prepare
 
     def process(self, rows: list[Row]) -> list[Result]:
         raise NotImplementedError

@@ -155,3 +155,76 @@ def make_jump_video(
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg failed making {path.name}: {proc.stderr.decode()[-800:]}")
     return path
+
+
+# ---------------------------------------------------------------- odd media for the bad-inputs suite
+
+SOUNDTRACKS = ("music", "silent", "none")
+
+
+def make_test_video(
+    path: Path, duration_s: float = 4.0, size: str = "160x120", fps: float = FPS, soundtrack: str = "music",
+    sample_rate: int = 44100, channels: int = 2,
+) -> Path:
+    """A moving picture (Game of Life) of any size (1x1 included) with a chosen soundtrack: music,
+    digital silence or none, at any sample rate and channel count."""
+    if soundtrack not in SOUNDTRACKS:
+        raise ValueError(f"unknown soundtrack {soundtrack!r}; one of {SOUNDTRACKS}")
+    width, height = (int(v) for v in size.split("x"))
+    # drawn small and scaled (testsrc2 cannot draw 1x1, and drawing 4K is slow); odd sizes need
+    # 4:4:4 chroma (4:2:0 halves each side)
+    video = ["-f", "lavfi", "-t", str(duration_s), "-i", _life(fps)]
+    pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+    encode = ["-vf", f"scale={width}:{height}", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", pix_fmt]
+    layout = {1: "mono", 2: "stereo"}[channels]
+    sources = {
+        "music": f"aevalsrc={music_expr(1)}:s={sample_rate}:c={layout}:d={duration_s}",
+        "silent": f"anullsrc=r={sample_rate}:cl={layout}",
+    }
+    audio = ["-f", "lavfi", "-i", sources[soundtrack]] if soundtrack in sources else []
+    audio_out = ["-c:a", "aac", "-b:a", "32k", "-ac", str(channels), "-ar", str(sample_rate)] if audio else ["-an"]
+    ffmpeg(*video, *audio, *encode, *audio_out, "-t", str(duration_s), "-movflags", "+faststart", str(path))
+    return path
+
+
+def make_long_static(path: Path, hours: float = 10.0, size: str = "64x64") -> Path:
+    """Hours of one grey picture at 1 fps with a silent soundtrack, made in about a second: one
+    minute is encoded, then the concat demuxer repeats it by stream copy (a few MB for 10 h)."""
+    minute = path.with_suffix(".minute.mp4")
+    ffmpeg("-f", "lavfi", "-i", f"color=c=gray:s={size}:r=1:d=60", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono",
+           "-t", "60", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-g", "600",
+           "-c:a", "aac", "-b:a", "8k", str(minute))
+    playlist = path.with_suffix(".txt")
+    playlist.write_text(f"file '{minute.name}'\n" * round(hours * 60))
+    ffmpeg("-f", "concat", "-safe", "0", "-i", str(playlist), "-c", "copy", "-movflags", "+faststart", str(path))
+    minute.unlink()
+    playlist.unlink()
+    return path
+
+
+def make_vfr(path: Path, duration_s: float = 12.0, size: str = "160x120") -> Path:
+    """Variable frame rate: 25 fps for the first 2 s, then every 5th frame (5 fps), timestamps kept."""
+    ffmpeg("-f", "lavfi", "-t", str(duration_s), "-i", _life(FPS, size),
+           "-f", "lavfi", "-i", f"aevalsrc={music_expr(2)}:s=44100:c=stereo:d={duration_s}",
+           "-vf", f"select='lt(n\\,{2 * FPS})+not(mod(n\\,5))'", "-fps_mode", "vfr",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
+           "-movflags", "+faststart", str(path))
+    return path
+
+
+def make_rotated(source: Path, path: Path, degrees: int = 90) -> Path:
+    """`source` with a display rotation (the way phones store portrait video), streams copied."""
+    ffmpeg("-i", str(source), "-map", "0", "-c", "copy", "-metadata:s:v:0", f"rotate={degrees}", str(path))
+    return path
+
+
+def make_corrupt_stream(source: Path, path: Path, stream: str = "a", every_nth_byte: int = 20) -> Path:
+    """`source` with one stream's packets damaged (ffmpeg's noise bitstream filter): the container
+    and the other stream are intact, so it probes fine but that stream does not decode."""
+    ffmpeg("-i", str(source), "-map", "0", "-c", "copy", f"-bsf:{stream}", f"noise=amount={every_nth_byte}",
+           str(path))
+    return path
+
+
+def _life(fps: float, size: str = "160x120") -> str:
+    return f"life=s={size}:r={fps}:mold=10:ratio=0.5:seed=7:death_color=#3050a0:life_color=#f0c040"

@@ -48,6 +48,7 @@ class DownloadConfig:
     proxy: str | None = option(None, "proxy URL passed to yt-dlp")
     user_agent: str | None = option(None, "User-Agent header")
     allow_private_hosts: bool = option(False, "allow URLs on loopback/private/link-local addresses")
+    min_side_px: int = option(32, "fail videos narrower or shorter than this (YouTube's smallest is 256x144)")
     breaker_window: int = option(20, "circuit breaker: recent attempts looked at")
     breaker_threshold: float = option(0.8, "circuit breaker: transient-failure fraction that trips it")
     breaker_cooldown_s: float = option(60.0, "circuit breaker: pause when tripped")
@@ -109,7 +110,8 @@ class Download(Stage):
 
     def params(self) -> dict[str, Any]:
         c = self.config
-        return {"format": c.format, "max_duration_s": c.max_duration_s, "sections": c.sections}
+        return {"format": c.format, "max_duration_s": c.max_duration_s, "sections": c.sections,
+                "min_side_px": c.min_side_px}
 
     def setup(self) -> None:
         self.out_dir = Path(self.run.media_root) / "video"
@@ -222,7 +224,11 @@ class Download(Stage):
             limit = self.config.max_duration_s
             if limit and info.duration_s > limit:
                 raise MediaError(f"too_long: {info.duration_s:.0f}s > {limit:.0f}s")
-            check_tail_decodes(path)
+            smallest = min(info.width or 0, info.height or 0)
+            if smallest < self.config.min_side_px:
+                raise MediaError(f"too_small: {info.width}x{info.height} video, a side below "
+                                 f"download.min_side_px={self.config.min_side_px}")
+            check_tail_decodes(path, info=info)
         except MediaError as e:
             path.unlink(missing_ok=True)  # never leave an unusable file under a final name
             return Result.failed(key, str(e), attempts=attempts)

@@ -11,10 +11,16 @@ weight-free `pixels` embedder): first the `early_drop_frames` mutually most diff
 dropped without embedding the rest, otherwise every picture is embedded. Kept videos are always
 scored on every sampled frame. `frame_similarity` = mean cosine similarity over all ordered pairs
 of scored frames, diagonal excluded; above `threshold` → dropped.
+
+Decoding is `prepare()`: under Ray with `decode_cpus` set (by default when CLIP runs on a GPU) it
+runs in CPU tasks upstream of the CLIP actors, so a GPU stays fed; otherwise `process()` decodes
+the rows itself. CLIP runs in bfloat16 where the hardware does it natively (`precision`);
+similarities are always computed in float32/float64 from the embeddings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,12 +40,15 @@ from pipeline.stage import Resources, Result, Row, Stage
 log = logging.getLogger("discomv")
 
 EMBEDDERS = ("clip", "pixels")
+PRECISIONS = ("auto", "fp32", "bf16")
 THUMBNAIL_SIZE = 32  # grey thumbnails for the identical-frame check and blank detection
 PIXELS_SIZE = 16  # the pixels embedder's feature grid
 BLANK_STD = 3.0  # a thumbnail with less grey-level spread than this is a blank (black, white, flat) frame
 LEADER_PASSES = 4  # resampling passes that close in on the end of a blank leader
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 RANDOM_SEED = 0  # random-init weights are the same on every worker, so scores are reproducible
+# fields prepare() adds to a row: the sampled frames [n, H, W, 3] uint8, and how they were read
+FRAMES, DECODED = "filter_frames", "filter_decoded"
 
 
 @dataclass
@@ -70,12 +79,23 @@ class FilterConfig:
     skip_blank_leader: bool = option(False, "sample after a black/blank opening instead of from frame 0")
     min_duration_s: float = option(2.0, "fail videos shorter than this (seconds)")
     decoder: str = option("auto", "auto: decord, ffmpeg where decord cannot read the file | decord | ffmpeg")
+    precision: str = option(
+        "auto",
+        "CLIP weights and inputs: auto (bf16 on CUDA and on CPUs with native bf16 — AVX512-BF16 or "
+        "AMX — else fp32) | fp32 | bf16. Embeddings are compared in float32 either way",
+    )
     embed_batch: int = option(64, "frames per embedder forward pass")
     batch_size: int = option(8, "videos per batch: decoded together, embedded in shared forward passes")
     decode_threads: int = option(2, "videos of a batch decoded in parallel")
     concurrency: int = option(2, "actors; each loads the embedder once")
     num_cpus: float = option(1.0, "CPUs reserved per actor")
     num_gpus: float = option(0.0, "GPUs per actor; CLIP runs on CUDA when > 0")
+    decode_cpus: float | None = option(
+        None,
+        "CPUs per decode task: under Ray, videos are decoded in CPU tasks upstream of the CLIP actors "
+        "(keeps a GPU fed). None: 1 when num_gpus > 0, else decode inside the actors (CPU-only: the "
+        "actors already use every core). 0: always inside the actors",
+    )
 
 
 @dataclass
@@ -111,6 +131,7 @@ class Filter(Stage):
             ("decoder", pa.string()),
             ("embedder_model", pa.string()),
             ("weights_sha256", pa.string()),
+            ("precision", pa.string()),  # fp32 | bf16: what CLIP ran in (null for the pixels embedder)
         ]
     )
 
@@ -121,7 +142,8 @@ class Filter(Stage):
     @property
     def resources(self) -> Resources:
         c = self.config
-        return Resources.of(c)
+        decode_cpus = c.decode_cpus if c.decode_cpus is not None else (1.0 if c.num_gpus > 0 else 0.0)
+        return dataclasses.replace(Resources.of(c), prepare_cpus=decode_cpus or None)
 
     def params(self) -> dict[str, Any]:
         c = self.config
@@ -137,7 +159,7 @@ class Filter(Stage):
             "decoder": c.decoder,
         }
         if c.embedder == "clip":
-            params.update(model=c.model, pretrained=c.pretrained, weights=self.run.weights)
+            params.update(model=c.model, pretrained=c.pretrained, weights=self.run.weights, precision=c.precision)
         return params
 
     def preflight(self) -> None:
@@ -150,23 +172,33 @@ class Filter(Stage):
         if c.embedder == "pixels":
             self.embedder: PixelEmbedder | ClipEmbedder = PixelEmbedder()
             self.weights_stamp = "none"
-            sha256 = None
+            sha256, precision = None, None
         else:
             weights = resolve_clip_weights(c.model, c.pretrained, self.run.weights, self.run.models_root)
             device = "cuda" if c.num_gpus > 0 else "cpu"
-            self.embedder = ClipEmbedder(c.model, c.pretrained, weights, device, c.embed_batch)
+            precision = choose_precision(c.precision, native_bf16(device))
+            self.embedder = ClipEmbedder(c.model, c.pretrained, weights, device, c.embed_batch, precision)
             self.weights_stamp = weights.stamp
             sha256 = weights.sha256
         self.identity = {
             "embedder_model": self.embedder.model_name,
             "weights_sha256": sha256,
             "threshold": c.threshold,
+            "precision": precision,
         }
-        log.debug("filter: embedder %s, weights %s", self.embedder.model_name, self.weights_stamp)
+        log.debug("filter: embedder %s (%s), weights %s", self.embedder.model_name, precision, self.weights_stamp)
+
+    def prepare(self, rows: list[Row]) -> list[Row]:
+        """Decode: each row gains its sampled frames (FRAMES) and how they were read (DECODED,
+        with the failure reason for a file that cannot be read). Needs no model."""
+        if not rows:
+            return []
+        with ThreadPoolExecutor(max(1, min(self.config.decode_threads, len(rows)))) as pool:
+            return list(pool.map(self.prepare_one, rows))
 
     def process(self, rows: list[Row]) -> list[Result]:
-        with ThreadPoolExecutor(max(1, self.config.decode_threads)) as pool:
-            sampled = list(pool.map(self.sample, rows))
+        unprepared = {r["key"]: r for r in self.prepare([r for r in rows if FRAMES not in r])}
+        sampled = [self.sampled(unprepared.get(r["key"], r)) for r in rows]
         results = {s.key: s for s in sampled if isinstance(s, Result)}
         videos = [s for s in sampled if isinstance(s, SampledVideo)]
         for video in videos:
@@ -178,22 +210,39 @@ class Filter(Stage):
     # decoding ------------------------------------------------------------
 
     def sample(self, row: Row) -> SampledVideo | Result:
-        key, path = row["key"], row.get("video_path")
+        return self.sampled(self.prepare_one(row))
+
+    def prepare_one(self, row: Row) -> Row:
+        path = row.get("video_path")
+        decoded: dict[str, Any] = {"decoder": None, "leader_skipped_s": 0.0, "failure": None}
+        frames = np.zeros((0, 0, 0, 3), np.uint8)  # same rank as real frames: one tensor column under Ray
         if not path or not Path(path).is_file():
-            return Result.failed(key, f"missing_file: no video at {path!r} (re-run download)", **self.identity)
+            decoded["failure"] = f"missing_file: no video at {path!r} (re-run download)"
+            return {**row, FRAMES: frames, DECODED: decoded}
         reader: FrameReader | None = None
         try:
             reader = FrameReader(path, self.config.decoder)
             check_length(reader, self.config.min_duration_s)
-            frames, start = self.read_frames(reader)
+            read, start = self.read_frames(reader)
+            frames = np.stack(read)
+            decoded["leader_skipped_s"] = start / reader.fps if reader.fps else 0.0
         except MediaError as e:
-            return Result.failed(key, str(e), decoder=reader.decoder if reader else None, **self.identity)
+            decoded["failure"] = str(e)
+        decoded["decoder"] = reader.decoder if reader else None
+        return {**row, FRAMES: frames, DECODED: decoded}
+
+    def sampled(self, row: Row) -> SampledVideo | Result:
+        """A prepared row as a video ready for the checks, or its decode failure as a result."""
+        decoded = row[DECODED]
+        if decoded["failure"]:
+            return Result.failed(row["key"], decoded["failure"], decoder=decoded["decoder"], **self.identity)
+        frames = list(row[FRAMES])
         differences = grey_differences(grey_thumbnails(frames))
         return SampledVideo(
-            key=key,
+            key=row["key"],
             frames=frames,
-            decoder=reader.decoder,
-            leader_skipped_s=start / reader.fps if reader.fps else 0.0,
+            decoder=decoded["decoder"],
+            leader_skipped_s=float(decoded["leader_skipped_s"]),
             differences=differences,
             same_as=same_picture(differences, self.config.identical_frame_tolerance),
         )
@@ -309,6 +358,10 @@ class Filter(Stage):
 def check_config(c: FilterConfig) -> None:
     if c.embedder not in EMBEDDERS:
         raise ValueError(f"filter.embedder must be one of {EMBEDDERS}, got {c.embedder!r}")
+    if c.precision not in PRECISIONS:
+        raise ValueError(f"filter.precision must be one of {PRECISIONS}, got {c.precision!r}")
+    if c.decode_cpus is not None and c.decode_cpus < 0:
+        raise ValueError(f"filter.decode_cpus must be None or >= 0, got {c.decode_cpus}")
     if c.decoder not in DECODERS:
         raise ValueError(f"filter.decoder must be one of {DECODERS}, got {c.decoder!r}")
     if c.frames < 2:
@@ -317,6 +370,27 @@ def check_config(c: FilterConfig) -> None:
         raise ValueError(
             f"filter.early_drop_frames must be 0 or between 2 and filter.frames-1, got {c.early_drop_frames}"
         )
+
+
+def choose_precision(requested: str, native_bf16: bool) -> str:
+    """`auto` is bf16 only where the hardware computes it natively: emulated bf16 on an older CPU
+    is slower than fp32, not faster."""
+    if requested != "auto":
+        return requested
+    return "bf16" if native_bf16 else "fp32"
+
+
+def native_bf16(device: str) -> bool:
+    """CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX that oneDNN runs bf16 on."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    has_instructions = any(
+        getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return has_instructions and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def check_length(reader: FrameReader, min_duration_s: float) -> None:
@@ -443,7 +517,9 @@ class ClipEmbedder:
     """open_clip's image tower only (the text tower is never needed), with open_clip's own
     preprocessing for the pretrained tag, so scores match open_clip's encode_image."""
 
-    def __init__(self, model: str, pretrained: str, weights: Weights, device: str, batch_frames: int) -> None:
+    def __init__(
+        self, model: str, pretrained: str, weights: Weights, device: str, batch_frames: int, precision: str = "fp32"
+    ) -> None:
         import open_clip
         import torch
 
@@ -454,7 +530,10 @@ class ClipEmbedder:
         if weights.path is not None:
             open_clip.load_checkpoint(clip, str(weights.path), weights_only=True)
         self.device = torch.device(device)
-        self.visual = clip.visual.eval().to(self.device)
+        # weights and inputs in bf16, not autocast: on CPU autocast re-casts every op (measured 2× slower than fp32)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.precision = precision
+        self.visual = clip.visual.eval().to(self.device, self.dtype)
         self.preprocess = open_clip.image_transform(
             self.visual.image_size,
             is_train=False,
@@ -473,8 +552,8 @@ class ClipEmbedder:
         chunks = []
         for start in range(0, len(frames), self.batch_frames):
             images = [self.preprocess(Image.fromarray(f)) for f in frames[start : start + self.batch_frames]]
-            batch = torch.stack(images).to(self.device)
-            with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            batch = torch.stack(images).to(self.device, self.dtype)
+            with torch.inference_mode():
                 features = self.visual(batch)
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         return np.concatenate(chunks)

@@ -267,6 +267,8 @@ def youtube_id_from_url(parsed: Any) -> str | None:
 def _text(value: Any) -> str | None:
     if value is None:
         return None
+    if isinstance(value, (bytes, bytearray)):  # a Parquet binary column: bytes in no known encoding
+        return bytes(value[:8000]).decode("utf-8", errors="replace")[:2000]
     return str(value).encode("utf-8", errors="replace").decode("utf-8")[:2000]
 
 

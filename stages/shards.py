@@ -1,10 +1,12 @@
 """shards: clips that passed every stage → WebDataset tar shards `{split}-{NNNNNN}.tar`.
 
-Written with webdataset's `TarWriter` (plain tar, members `{key}.{ext}`, readable by any
-WebDataset/wids/HF `datasets` reader) rather than Ray Data's `write_webdataset`, because we need
-what that writer doesn't give: size-bounded shards split by artist, a temp name renamed only when
-the shard is complete, sha256 computed while writing, and a sidecar index per shard so a re-run
-after a kill finds finished samples instead of writing them twice.
+Plain tars with members `{key}.{ext}`, byte for byte what webdataset's `TarWriter` writes (headers
+from `tarfile.TarInfo`, see `TarShardWriter`), readable by any WebDataset/wids/HF `datasets`
+reader. Not Ray Data's `write_webdataset`, because we need what that writer doesn't give:
+size-bounded shards split by artist, a temp name renamed only when the shard is complete, sha256
+computed while writing, and a sidecar index per shard so a re-run after a kill finds finished
+samples instead of writing them twice. A write error (disk full) fails the rows of the shard being
+written and the rest of its split, naming the error, and leaves no partial tar behind.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import logging
 import os
 import subprocess
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +27,16 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, option
 from pipeline.shard_index import (
-    HashingFile,
     ShardError,
     ShardInfo,
+    TarShardWriter,
     check_key,
     next_shard_number,
     npy_bytes,
     npy_file_bytes,
     read_shards,
+    sidecar_path,
+    write_failure,
     write_index,
     write_sidecar,
 )
@@ -38,7 +44,7 @@ from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
 STEPS = 500
-ARTIFACT_COLUMNS = ("tokens_path", "features_path")
+Sample = dict[str, bytes]
 
 
 @dataclass
@@ -59,13 +65,15 @@ class Shards(Stage):
     upstream = "features"
     version = "1"
     Config = ShardsConfig
-    requires = ("webdataset",)
     schema = pa.schema([("shard", pa.string()), ("split", pa.string()), ("sample_bytes", pa.int64())])
 
     def __init__(self, config: ShardsConfig, run: Any) -> None:
         super().__init__(config, run)
         if config.heldout_split not in ("val", "test"):
             raise ConfigError(f"config key 'shards.heldout_split' must be val or test, got {config.heldout_split!r}")
+        for name in ("max_bytes", "max_samples"):
+            if getattr(config, name) < 1:
+                raise ConfigError(f"config key 'shards.{name}' must be at least 1, got {getattr(config, name)}")
         if not 0 <= config.train_fraction + config.val_fraction <= 1:
             raise ConfigError("config keys 'shards.train_fraction' + 'shards.val_fraction' must be within [0, 1]")
 
@@ -84,25 +92,19 @@ class Shards(Stage):
         self.root = Path(self.run.shard_root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.heldout = _read_keys(self.config.heldout_keys)
-        import webdataset  # noqa: F401 - slow first import (it pulls in torch): once per worker, not per batch
 
     def process(self, rows: list[Row]) -> list[Result]:
         shards = read_shards(self.root, clean=True)
         where = {key: info for info in shards.values() for key in info.keys}
-        results, todo = [], {}
+        results, by_split = [], {}
         for row in rows:
             key = row["key"]
             if key in where:  # written by a run that was killed before recording it
                 results.append(Result.ok(key, shard=where[key].shard, split=where[key].split))
-                continue
-            try:
-                todo.setdefault(self.split_for(row), []).append((key, self.build_sample(row)))
-            except (ShardError, OSError, ValueError) as e:
-                results.append(Result.failed(key, str(e) if ":" in str(e) else f"bad_sample: {e}"))
-        for split, samples in todo.items():
-            for info, sizes in self.write_split(split, samples):
-                shards[info.shard] = info
-                results += [Result.ok(k, shard=info.shard, split=split, sample_bytes=sizes[k]) for k in info.keys]
+            else:
+                by_split.setdefault(self.split_for(row), []).append(row)
+        for split, split_rows in by_split.items():
+            results += self.write_split(split, split_rows, shards)
         write_index(self.root, shards)
         return results
 
@@ -115,15 +117,12 @@ class Shards(Stage):
             return "train"
         return "val" if fraction < self.config.train_fraction + self.config.val_fraction else "test"
 
-    def build_sample(self, row: Row) -> dict[str, bytes]:
+    def build_sample(self, row: Row) -> Sample:
         key = check_key(row["key"])
-        for column in ARTIFACT_COLUMNS:
-            if not row.get(column) or not Path(row[column]).is_file():
-                raise ShardError(f"missing_artifact: {column} {row.get(column)!r} not found")
         sample = {
             "__key__": key,
-            "tokens.npy": npy_file_bytes(row["tokens_path"], "int16", 2),
-            "hiera.npy": npy_file_bytes(row["features_path"], "float16", 2),
+            "tokens.npy": artifact(row, "tokens_path", "int16"),
+            "hiera.npy": artifact(row, "features_path", "float16"),
             **{f"{name}.npy": npy_bytes(array) for name, array in beat_arrays(row).items()},
             "json": json.dumps(provenance(row), default=str, ensure_ascii=False).encode(),
         }
@@ -133,34 +132,95 @@ class Shards(Stage):
             sample["mp4"] = clip_mp4(row, self.config.mp4_height)
         return sample
 
-    def write_split(self, split: str, samples: list[tuple[str, dict[str, bytes]]]):
-        """Yield (ShardInfo, bytes per key) for each finished shard of these samples."""
-        import webdataset as wds
+    def write_split(self, split: str, rows: list[Row], shards: dict[str, ShardInfo]) -> list[Result]:
+        """Write these rows' samples into new shards of `split` (added to `shards`); one result per
+        row. Samples are built as they are written, so memory holds a shard's batch, not the split."""
+        results: list[Result] = []
+        samples = SampleQueue(rows, self.build_sample, results)
+        while samples.peek():
+            info = ShardInfo(f"{split}-{next_shard_number(self.root, split):06d}.tar", split)
+            try:
+                sizes = self.write_shard(info, samples)
+            except OSError as e:
+                reason = write_failure(e, info.shard)
+                log.error("shards: %s; %d rows of split %s not written", reason, len(info.keys) + samples.left(), split)
+                return results + [Result.failed(key, reason) for key in info.keys + samples.keys_left()]
+            shards[info.shard] = info
+            results += [Result.ok(k, shard=info.shard, split=split, sample_bytes=sizes[k]) for k in info.keys]
+        return results
 
-        pending = list(samples)
-        while pending:
-            number = next_shard_number(self.root, split)
-            name = f"{split}-{number:06d}.tar"
-            tmp = self.root / (name + ".tmp")
-            sink = HashingFile(tmp)
-            writer = wds.TarWriter(sink, encoder=False, mtime=0)
-            info, sizes = ShardInfo(name, split), {}
-            while pending and len(info.keys) < self.config.max_samples:
-                key, sample = pending[0]
+    def write_shard(self, info: ShardInfo, samples: SampleQueue) -> dict[str, int]:
+        """Fill one shard from `samples` (up to max_samples / max_bytes), publish it under its final
+        name and return the approximate bytes per key. `info.keys` lists every key taken, even when
+        a write error is raised part-way."""
+        tmp = self.root / (info.shard + ".tmp")
+        sizes = {}
+        with TarShardWriter(tmp) as writer:
+            while (item := samples.peek()) and len(info.keys) < self.config.max_samples:
+                key, sample = item
                 size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")
-                if info.keys and sink.size + size > self.config.max_bytes:
+                if info.keys and writer.size + size > self.config.max_bytes:
                     break
-                writer.write(sample)
+                samples.pop()
                 info.keys.append(key)
                 sizes[key] = size
-                pending.pop(0)
-            writer.close()
-            sink.close()
-            info.bytes, info.sha256 = sink.size, sink.sha.hexdigest()
-            write_sidecar(self.root, info)  # sidecar first: a final tar always has its index entry
-            os.replace(tmp, self.root / name)
-            log.info("shards: wrote %s (%d samples, %.1f MB)", name, info.num_samples, info.bytes / 1e6)
-            yield info, sizes
+                writer.write(sample)
+            info.bytes, info.sha256 = writer.close()
+        publish(self.root, tmp, info)
+        log.info("shards: wrote %s (%d samples, %.1f MB)", info.shard, info.num_samples, info.bytes / 1e6)
+        return sizes
+
+
+class SampleQueue:
+    """Rows built into samples on demand, in order. A row that can't be built becomes a failed
+    result in `failures` when it comes up, and is skipped."""
+
+    def __init__(self, rows: list[Row], build: Callable[[Row], Sample], failures: list[Result]) -> None:
+        self.rows = deque(rows)
+        self.build = build
+        self.failures = failures
+        self.head: tuple[str, Sample] | None = None
+
+    def peek(self) -> tuple[str, Sample] | None:
+        while self.head is None and self.rows:
+            row = self.rows.popleft()
+            try:
+                self.head = (row["key"], self.build(row))
+            except (ShardError, OSError, ValueError) as e:
+                self.failures.append(Result.failed(row["key"], str(e) if ":" in str(e) else f"bad_sample: {e}"))
+        return self.head
+
+    def pop(self) -> None:
+        self.head = None
+
+    def keys_left(self) -> list[str]:
+        return ([self.head[0]] if self.head else []) + [row["key"] for row in self.rows]
+
+    def left(self) -> int:
+        return len(self.rows) + (self.head is not None)
+
+
+def publish(root: Path, tmp: Path, info: ShardInfo) -> None:
+    """Sidecar first, then the tar: a tar under a final name always has its index entry. On an
+    error neither the temp tar nor a sidecar without its tar is left behind."""
+    try:
+        write_sidecar(root, info)
+        os.replace(tmp, root / info.shard)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        if not (root / info.shard).exists():
+            sidecar_path(root, info.shard).unlink(missing_ok=True)
+        raise
+
+
+def artifact(row: Row, column: str, dtype: str) -> bytes:
+    """The 2-D .npy file named in `column`, as `dtype`."""
+    try:
+        return npy_file_bytes(row[column], dtype, 2)
+    except (KeyError, TypeError, FileNotFoundError, IsADirectoryError) as e:
+        raise ShardError(f"missing_artifact: {column} {row.get(column)!r} not found") from e
+    except OSError as e:
+        raise ShardError(f"unreadable_artifact: {column} {row.get(column)!r} ({e.strerror or e})") from e
 
 
 def beat_arrays(row: Row) -> dict[str, np.ndarray]:

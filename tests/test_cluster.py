@@ -1,43 +1,70 @@
-"""The runner on a 2-node Ray cluster (ray.cluster_utils.Cluster on this machine), driven by the
-same command a user runs on a real cluster: `RAY_ADDRESS=... discomv download`."""
+"""The whole pipeline on a 2-node Ray cluster (ray.cluster_utils.Cluster on this machine), driven by
+the command a user runs on a real cluster: `RAY_ADDRESS=... discomv run`."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from conftest import copy_many, write_lines
+from conftest import write_lines
 
+from pipeline import synth
 from pipeline.manifest import ManifestStore
+from stages import STAGES
 
 CLUSTER = """
-import os, subprocess, sys
+import json, os, subprocess, sys
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
+with open(sys.argv[2], "w") as f:
+    json.dump([node.unique_id for node in cluster.list_all_nodes()], f)
 env = dict(os.environ, RAY_ADDRESS=cluster.address)
-code = 0
-for stage in ("ingest", "download"):
-    code |= subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "-c", sys.argv[1], "--no-progress"],
-                           env=env).returncode
+code = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-c", sys.argv[1], "--no-progress"],
+                      env=env).returncode
 cluster.shutdown()
 sys.exit(code)
 """
+VIDEOS = 3
 
 
-def test_download_spreads_over_two_nodes(tmp_path: Path, media_dir: Path, server):
-    names = copy_many(media_dir / "moving.mp4", media_dir / "cluster", 8)
+def test_every_stage_runs_on_a_two_node_cluster(tmp_path: Path, media_dir: Path, server):
+    folder = media_dir / "cluster"
+    names = []
+    for i in range(VIDEOS):  # 12 s: one full 10 s clip each after the fan-out
+        path = folder / f"mv{i}.mp4"
+        if not path.exists():
+            synth.make_video(path, "moving", duration_s=12, seed=i, size="160x120")
+        names.append(f"cluster/{path.name}")
     urls = write_lines(tmp_path / "urls.txt", [f"{server.url}/slow/300/{n}" for n in names])
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "run": {"manifest_root": str(tmp_path / "m"), "media_root": str(tmp_path / "media")},
+        "run": {"manifest_root": str(tmp_path / "m"), "media_root": str(tmp_path / "media"),
+                "shard_root": str(tmp_path / "shards"), "weights": "random"},
         "ingest": {"inputs": [urls]},
-        # one CPU per actor on 1-CPU nodes: the two actors must land on different nodes
+        # one CPU per actor on 1-CPU nodes: the two download actors must land on different nodes
         "download": {"allow_private_hosts": True, "concurrency": 2, "num_cpus": 1},
+        "filter": {"embedder": "pixels"},
+        "separate": {"random_init": "tiny8k", "probe_segments": 1, "residual_segments": 1},
+        "tokens": {"model": "encodec_32khz_test"},
+        "features": {"model": "hiera_test_16x224"},
     }))
-    proc = subprocess.run([sys.executable, "-c", CLUSTER, str(config)], capture_output=True, timeout=400)
+    nodes_file = tmp_path / "nodes.json"
+    proc = subprocess.run([sys.executable, "-c", CLUSTER, str(config), str(nodes_file)], capture_output=True,
+                          timeout=400)
     assert proc.returncode == 0, proc.stdout.decode()[-3000:] + proc.stderr.decode()[-3000:]
-    rows = ManifestStore(tmp_path / "m").latest("download").to_pylist()
-    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
-    assert len({r["node"] for r in rows}) == 2, "both nodes ran downloads"
+    cluster_nodes = {node[:12] for node in json.loads(nodes_file.read_text())}  # the manifest keeps 12 chars
+    assert len(cluster_nodes) == 2
+
+    store = ManifestStore(tmp_path / "m")
+    placement = {}
+    for name in STAGES:
+        rows = store.latest(name).to_pylist()
+        assert rows and {r["status"] for r in rows} == {"ok"}, (name, [(r["key"], r["reason"]) for r in rows])
+        placement[name] = {r["node"] for r in rows}
+        assert placement[name] <= cluster_nodes, f"{name} rows name nodes outside the cluster: {placement[name]}"
+    assert len(store.latest("shards")) == VIDEOS, "one clip per video reached the shards"
+    assert placement["download"] == cluster_nodes, "two 1-CPU download actors on two 1-CPU nodes: both ran rows"
+    assert set().union(*placement.values()) == cluster_nodes

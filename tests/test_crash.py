@@ -50,8 +50,8 @@ FAST = {
 
 
 ARTIFACTS = (
-    ("separate", "instrumental_path", lambda p: sf.read(p, frames=1)),
-    ("separate", "instrumental32k_path", lambda p: sf.read(p, frames=1)),
+    ("separate", "instrumental_path", sf.read),
+    ("separate", "instrumental32k_path", sf.read),
     ("beats", "beats_path", lambda p: dict(np.load(p, allow_pickle=False))),
     ("tokens", "tokens_path", lambda p: np.load(p, allow_pickle=False)),
     ("features", "features_path", lambda p: np.load(p, allow_pickle=False)),

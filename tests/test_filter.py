@@ -71,8 +71,9 @@ def pixels_stage() -> Filter:
 
 @pytest.fixture(scope="module")
 def clip_stage() -> Filter:
-    # 8 frames keep random-init CLIP on 2 CPU cores quick; the mechanics are those of 16
-    stage = make_stage(embedder="clip", frames=8)
+    # 8 frames keep random-init CLIP on 2 CPU cores quick; the mechanics are those of 16. fp32:
+    # the embeddings are compared with open_clip's own encode_image
+    stage = make_stage(embedder="clip", frames=8, precision="fp32")
     stage.setup()
     return stage
 
@@ -306,6 +307,47 @@ def test_clip_embeddings_match_open_clip_encode_image(clip_stage: Filter, videos
     assert scored.metrics["frame_similarity"] == pytest.approx(frame_similarity(reference), abs=1e-4)
 
 
+def test_precision_auto_is_bf16_only_on_native_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from stages.filter import choose_precision, native_bf16
+
+    assert choose_precision("auto", native_bf16=True) == "bf16"
+    assert choose_precision("auto", native_bf16=False) == "fp32"
+    assert choose_precision("fp32", native_bf16=True) == "fp32"
+    assert choose_precision("bf16", native_bf16=False) == "bf16"  # asked for explicitly: honoured
+    # a CPU without AVX512-BF16 and AMX (oneDNN could still emulate bf16, slowly): fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_bf16("cpu") is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert native_bf16("cpu") is True
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert native_bf16("cpu") is False
+    with pytest.raises(ValueError, match="filter.precision"):
+        make_stage(precision="fp16")
+    assert make_stage(precision="fp32").params() != make_stage(precision="bf16").params()
+    assert make_stage(embedder="pixels", precision="fp32").params() == make_stage(embedder="pixels").params()
+
+
+def test_bf16_clip_scores_like_fp32_and_is_stamped(clip_stage: Filter, videos: dict[str, Path]) -> None:
+    """Same random weights in bf16: embeddings (returned as float32) within cosine 0.999 of fp32,
+    frame_similarity within 0.005 (measured here: cosine ≥ 0.9999, |Δ| ≤ 1e-4)."""
+    bf16 = make_stage(embedder="clip", frames=8, precision="bf16")
+    bf16.setup()
+    assert bf16.identity["precision"] == "bf16" and clip_stage.identity["precision"] == "fp32"
+    for name in ("moving", "slideshow"):
+        reader = FrameReader(videos[name])
+        frames = reader.read(uniform_indices(0, reader.frame_count, 6))
+        full, half = clip_stage.embedder.embed(frames), bf16.embedder.embed(frames)
+        assert half.dtype == np.float32
+        assert (full * half).sum(axis=1).min() >= 0.999
+        assert frame_similarity(half) == pytest.approx(frame_similarity(full), abs=0.005)
+    result = bf16.process(rows_for(videos, "slideshow"))[0]
+    assert result.metrics["precision"] == "bf16"
+
+
 # ---------------------------------------------------------------- weights
 
 
@@ -398,9 +440,38 @@ def test_config_is_validated_and_sizes_the_workers() -> None:
         make_stage(embedder="siglip")
     with pytest.raises(ValueError, match="filter.early_drop_frames"):
         make_stage(frames=8, early_drop_frames=8)
+    with pytest.raises(ValueError, match="filter.decode_cpus"):
+        make_stage(decode_cpus=-1)
     stage = make_stage(num_gpus=1, batch_size=32, concurrency=3)
     assert (stage.resources.num_gpus, stage.resources.batch_size, stage.resources.concurrency) == (1, 32, 3)
     assert make_stage(embedder="pixels").params() != make_stage(embedder="clip").params()
+    # decode in CPU tasks upstream of GPU actors by default; inside the actors on CPU-only runs
+    assert stage.resources.prepare_cpus == 1.0
+    assert make_stage().resources.prepare_cpus is None
+    assert make_stage(decode_cpus=0.5).resources.prepare_cpus == 0.5
+    assert make_stage(num_gpus=1, decode_cpus=0).resources.prepare_cpus is None
+
+
+def test_prepared_rows_give_the_same_results_as_direct_calls(pixels_stage: Filter, videos: dict[str, Path]) -> None:
+    from stages.filter import DECODED, FRAMES
+
+    rows = rows_for(videos, "moving", "still", "slideshow", "corrupt")
+    rows.append({"key": "missing", "video_path": str(videos["moving"].with_name("gone.mp4"))})
+    prepared = pixels_stage.prepare(rows)
+    assert [r["key"] for r in prepared] == [r["key"] for r in rows]
+    assert prepared[0][FRAMES].shape == (16, 120, 160, 3) and prepared[0][FRAMES].dtype == np.uint8
+    assert prepared[0][DECODED] == {"decoder": "decord", "leader_skipped_s": 0.0, "failure": None}
+    assert prepared[3][FRAMES].shape == (0, 0, 0, 3) and prepared[3][DECODED]["failure"].startswith("unreadable: ")
+    direct = by_key(pixels_stage.process(rows))
+    # a mix of prepared and un-prepared rows, as when a prepare task gave up on some of them
+    mixed = by_key(pixels_stage.process(prepared[:2] + rows[2:]))
+    for results in (by_key(pixels_stage.process(prepared)), mixed):
+        assert set(results) == set(direct)
+        for key, result in results.items():
+            assert (result.status, result.reason, result.metrics) == (direct[key].status, direct[key].reason,
+                                                                     direct[key].metrics), key
+    assert direct["corrupt"].status == direct["missing"].status == "failed"
+    assert direct["missing"].reason.startswith("missing_file: ")
 
 
 # ---------------------------------------------------------------- through the runner
