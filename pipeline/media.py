@@ -175,21 +175,20 @@ class FrameReader:
 
     def indices_at(self, times_s: list[float]) -> tuple[list[int], int]:
         """The frame whose start is nearest each time, and how many times fall before the end of the
-        last frame (the rest repeat the last frame, so a partial clip still gets every index)."""
+        last frame (the rest get the last frame, so a partial clip still gets every index)."""
         import numpy as np
 
         starts = self.frame_starts()
         if len(starts) == 0:
             return [], 0
         times = np.asarray(times_s, dtype=np.float64)
-        after = np.clip(np.searchsorted(starts, times), 1, len(starts) - 1) if len(starts) > 1 else np.zeros(
-            len(times), dtype=int)
+        after = np.clip(np.searchsorted(starts, times), 0, len(starts) - 1)
         before = np.maximum(after - 1, 0)
         nearest = np.where(np.abs(times - starts[before]) <= np.abs(starts[after] - times), before, after)
-        period = (starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else 1.0 / (self.fps or 25.0)
-        end = starts[-1] + (self.duration_s - starts[-1] if self.decoder != "decord" else period)
         if self.decoder == "decord":
             end = float(self._reader.get_frame_timestamp([self.frame_count - 1])[0, 1])
+        else:
+            end = self.frame_count / (self.fps or 25.0)
         return [int(i) for i in nearest], int((times < end).sum())
 
     def read(self, indices: list[int], transform: Callable[[Any], Any] | None = None) -> list[Any]:

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import DECODERS, FrameReader, MediaError, save_npy_atomic, window_frame_indices
+from pipeline.media import DECODERS, FrameReader, MediaError, save_npy_atomic
 from pipeline.models import Weights, models_root, pick_device, resolve
 from pipeline.stage import Resources, Result, Row, Stage
 from stages.tokens import check_window, pick_precision
@@ -194,12 +194,14 @@ class Features(Stage):
         try:
             reader = FrameReader(path, c.decoder)
             decoder = reader.decoder
-            indices, inside = window_frame_indices(float(row["start_s"]), c.frames, c.fps, reader.fps,
-                                                   reader.frame_count)
+            start_s = float(row["start_s"])
+            # by timestamp, not index / average fps: right for variable frame rates too
+            indices, inside = reader.indices_at([start_s + i / c.fps for i in range(c.frames)])
             if inside == 0:
-                raise MediaError(f"no_frames: the clip starts at {float(row['start_s']):.2f}s, after the "
+                raise MediaError(f"no_frames: the clip starts at {start_s:.2f}s, after the "
                                  f"video's last frame ({reader.duration_s:.2f}s)")
-            frames = preprocess(reader.read(indices), c.crop)
+            # resized as decoded: a 4K clip holds one full-size frame at a time, not `frames` of them
+            frames = np.stack(reader.read(indices, transform=lambda frame: resize_frame(frame, c.crop)))
             decoder = reader.decoder
         except MediaError as e:
             return Result.failed(key, str(e), video_decoder=decoder, **self.identity)
@@ -252,17 +254,6 @@ def check_config(c: FeaturesConfig) -> None:
 
 
 # ---------------------------------------------------------------- frames → model input
-
-
-def preprocess(frames: list[np.ndarray], crop: str) -> np.ndarray:
-    """RGB frames of any size → uint8 [n, 224, 224, 3]; repeated frames are resized once."""
-    done: dict[int, np.ndarray] = {}
-    out = []
-    for frame in frames:
-        if id(frame) not in done:
-            done[id(frame)] = resize_frame(frame, crop)
-        out.append(done[id(frame)])
-    return np.stack(out)
 
 
 def resize_frame(frame: np.ndarray, crop: str) -> np.ndarray:

@@ -94,7 +94,8 @@ class SeparateConfig:
     probe_segments: int = option(3, "segments separated by the instrumental probe")
     residual_segments: int = option(3, "segments of the instrumental separated again to measure residue")
     encodec_sample_rate: int = option(32000, "sample rate of the mono copy for EnCodec")
-    max_duration_s: float | None = option(None, "fail tracks longer than this (seconds)")
+    max_duration_s: float | None = option(
+        7200.0, "fail tracks longer than this (seconds; checked on the probed duration before decoding)")
     random_init: str = option(
         "htdemucs", "run.weights=random only: 'htdemucs' = the real architecture; 'tiny' / 'tiny8k' "
         "(8 kHz) = small HTDemucs for fast tests")
@@ -208,9 +209,12 @@ class Separate(Stage):
         key, source = row["key"], row.get("video_path") or ""
         if not source or not Path(source).is_file():
             raise MediaError(f"missing_input: no media file at {source!r}")
+        limit = self.config.max_duration_s
+        probed = row.get("media_duration_s")
+        if limit and probed and probed > limit:  # refused before decoding hours of audio to scratch
+            raise MediaError(f"too_long: {probed:.0f}s > {limit:.0f}s (separate.max_duration_s)")
         raw = Path(self.scratch.name) / f"{key}.f32"
         track = decode_to_scratch(key, Path(source), raw, self.bag.samplerate, self.bag.audio_channels)
-        limit = self.config.max_duration_s
         if limit and track.duration_s > limit:
             track.discard()
             raise MediaError(f"too_long: {track.duration_s:.0f}s > {limit:.0f}s (separate.max_duration_s)")
