@@ -18,6 +18,7 @@ import queue
 import re
 import tarfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | Non
     length_bytes = 2 if version == (1, 0) else 4
     end = fmt.MAGIC_LEN + length_bytes + int.from_bytes(data[fmt.MAGIC_LEN: fmt.MAGIC_LEN + length_bytes], "little")
     raw = data[:end]
+    if len(raw) < end:
+        return None
     if raw not in _PARSED_HEADERS:
         if len(_PARSED_HEADERS) > 256:  # many distinct shapes: don't grow without bound
             _PARSED_HEADERS.clear()
@@ -101,24 +104,67 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | Non
     return shape, fortran, dtype, end
 
 
-def npy_file_bytes(path: str | Path, dtype: str, ndim: int) -> bytes:
-    """The bytes of an .npy file, read once and passed through as they are when the header already
-    says C-order `dtype` with `ndim` dimensions and the data are complete (the common case), else
-    loaded and converted."""
-    with open(path, "rb") as f:
-        data = f.read()
-    header = npy_header(data)
+class FileMember:
+    """A file to copy into a shard as it is: opened, checked and sized by the thread building the
+    sample, its bytes read by the shard writer's thread from the same open file, so reading
+    overlaps building the next samples. The file is closed once read, or when dropped."""
+
+    __slots__ = ("fd", "size", "name")
+
+    def __init__(self, path: str | Path) -> None:
+        self.fd = -1
+        self.name = os.path.basename(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def head(self, size: int) -> bytes:
+        return os.pread(self.fd, size, 0)
+
+    def read(self) -> bytes:
+        data = bytearray(self.size)
+        self.read_into(memoryview(data))
+        return bytes(data)
+
+    def read_into(self, buffer: memoryview) -> None:
+        try:
+            got = os.preadv(self.fd, [buffer], 0)
+        finally:
+            self.close()
+        if got != self.size or len(buffer) != self.size:
+            raise OSError(errno.EIO, f"{self.name} changed size while being read")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+NPY_HEAD = 512  # bytes read to check an .npy header (numpy's are 64-byte multiples, these ~128)
+
+
+def npy_artifact(path: str | Path, dtype: str, ndim: int) -> FileMember | bytes:
+    """An .npy file for a shard: the file itself when its header already says C-order `dtype`
+    with `ndim` dimensions and its data are complete (the common case), else its array loaded
+    and converted."""
+    member = FileMember(path)
+    header = npy_header(member.head(NPY_HEAD))
     if header:
         shape, fortran, file_dtype, offset = header
-        complete = len(data) - offset == math.prod(shape) * file_dtype.itemsize
+        complete = member.size - offset == math.prod(shape) * file_dtype.itemsize
         if file_dtype == np.dtype(dtype) and len(shape) == ndim and not fortran and complete:
-            return data
+            return member
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = np.load(io.BytesIO(member.read()), allow_pickle=False)
     except (ValueError, EOFError) as e:
-        raise ShardError(f"bad_array: {Path(path).name} is not a readable .npy ({e})") from e
+        raise ShardError(f"bad_array: {member.name} is not a readable .npy ({e})") from e
     if array.ndim != ndim:
-        raise ShardError(f"bad_array: {Path(path).name} has shape {array.shape}, expected {ndim} dimensions")
+        raise ShardError(f"bad_array: {member.name} has shape {array.shape}, expected {ndim} dimensions")
     return npy_bytes(array.astype(dtype))
 
 
@@ -132,31 +178,30 @@ class TarShardWriter:
 
     Member headers come from `tarfile.TarInfo.tobuf` (tarfile's own format), but the member data
     go to the file as they are, skipping tarfile's stream layer that copies every member through
-    a 10 KB buffer. sha256 and the writes run on a second thread (both release the GIL on large
-    buffers) while the caller reads and builds the next samples; batches are bounded, so memory is
-    too. A write error (disk full) is raised by the next `write` or by `close`.
+    a 10 KB buffer. Reading `FileMember`s, sha256 and the writes run on a second thread (all three
+    release the GIL) while the caller builds the next samples; batches are bounded, so memory and
+    open files are too. A write error (disk full) is raised by the next `write` or by `close`.
     """
 
-    BATCH_BYTES = 8 << 20
-    LARGE = 64 << 10
+    BATCH_BYTES = 4 << 20
     QUEUED_BATCHES = 3
-    IOV_MAX = 1024  # POSIX minimum of buffers per writev (Linux allows exactly this)
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.sha = hashlib.sha256()
         self.size = 0
-        self.batch: list[bytes] = []
-        self.small: list[bytes] = []
+        self.batch: list[bytes | FileMember] = []
         self.batch_bytes = 0
         self.error: Exception | None = None
-        self.batches: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=self.QUEUED_BATCHES)
-        self.thread = threading.Thread(target=self._hash_and_write, name=f"shard-writer {path.name}", daemon=True)
+        self.cancelled = False
+        self.batches: queue.Queue[list[bytes | FileMember] | None] = queue.Queue(maxsize=self.QUEUED_BATCHES)
+        self.thread = threading.Thread(target=self._drain, name=f"shard-writer {path.name}", daemon=True)
         self.thread.start()
 
-    def write(self, sample: dict[str, bytes]) -> None:
-        """Members `{key}.{ext}` in sorted order, as `TarWriter.write` lays them out."""
+    def write(self, sample: dict[str, Any]) -> None:
+        """Members `{key}.{ext}` in sorted order, as `TarWriter.write` lays them out. Values are
+        bytes or `FileMember`s."""
         key = sample["__key__"]
         for ext in sorted(sample):
             if ext.startswith("_"):
@@ -189,7 +234,10 @@ class TarShardWriter:
 
     def abort(self) -> None:
         """Stop writing and remove the partial file."""
+        self.cancelled = True
         self._stop()
+        release(self.batch)
+        self.batch = []
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -202,26 +250,14 @@ class TarShardWriter:
         if exc_type is not None:
             self.abort()
 
-    def _add(self, data: bytes) -> None:
-        # Headers, padding and small members are joined into one buffer between large members:
-        # the writer thread then takes the GIL a few times per sample instead of once per piece.
-        if len(data) >= self.LARGE:
-            self._join_small()
-            self.batch.append(data)
-        else:
-            self.small.append(data)
+    def _add(self, data: bytes | FileMember) -> None:
+        self.batch.append(data)
         self.batch_bytes += len(data)
         self.size += len(data)
-
-    def _join_small(self) -> None:
-        if self.small:
-            self.batch.append(b"".join(self.small))
-            self.small = []
 
     def _send(self) -> None:
         if self.error:
             raise self.error
-        self._join_small()
         self.batches.put(self.batch)
         self.batch, self.batch_bytes = [], 0
 
@@ -230,17 +266,41 @@ class TarShardWriter:
             self.batches.put(None)
             self.thread.join()
 
-    def _hash_and_write(self) -> None:
+    def _drain(self) -> None:
         while (batch := self.batches.get()) is not None:
-            if self.error:
-                continue  # keep draining so the producer never blocks on a full queue
-            try:
-                for data in batch:
-                    self.sha.update(data)
-                for start in range(0, len(batch), self.IOV_MAX):
-                    write_all(self.fd, batch[start: start + self.IOV_MAX])
-            except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it
-                self.error = e
+            if self.error is None and not self.cancelled:
+                try:
+                    self._hash_and_write(batch)
+                except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it
+                    self.error = e
+            release(batch)
+
+    def _hash_and_write(self, batch: list[bytes | FileMember]) -> None:
+        # One contiguous buffer per batch, files read straight into their place: one sha256
+        # update and one write, so this thread waits for the GIL a few times per batch only.
+        buffer = memoryview(bytearray(sum(len(item) for item in batch)))
+        start = 0
+        for item in batch:
+            end = start + len(item)
+            if isinstance(item, FileMember):
+                item.read_into(buffer[start:end])
+            else:
+                buffer[start:end] = item
+            start = end
+        self.sha.update(buffer)
+        written = os.lseek(self.fd, 0, os.SEEK_CUR)
+        write_all(self.fd, buffer)
+        if hasattr(os, "posix_fadvise"):
+            # On Linux this starts writing these pages to disk now (and lets the kernel drop them
+            # once clean), so the fsync in close() waits for the last batch, not the whole shard.
+            os.posix_fadvise(self.fd, written, len(buffer), os.POSIX_FADV_DONTNEED)
+
+
+def release(batch: list[bytes | FileMember]) -> None:
+    """Close the files of a batch that won't be (or wasn't fully) written."""
+    for item in batch:
+        if isinstance(item, FileMember):
+            item.close()
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -253,14 +313,9 @@ def member_header(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT if simple else tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def write_all(fd: int, buffers: list[bytes]) -> None:
-    """One writev; a short write (disk nearly full) is finished with plain writes, which raise
-    the real error (ENOSPC) if there is one."""
-    written = os.writev(fd, buffers)
-    if written < sum(len(b) for b in buffers):
-        rest = memoryview(b"".join(buffers))[written:]
-        while rest:
-            rest = rest[os.write(fd, rest):]
+def write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def write_failure(error: OSError, what: str) -> str:
@@ -312,14 +367,9 @@ def sidecar_path(root: Path, shard: str) -> Path:
 
 
 def write_sidecar(root: Path, info: ShardInfo) -> None:
-    path = sidecar_path(root, info.shard)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps({"shard": info.shard, "split": info.split, "keys": info.keys,
-                                   "bytes": info.bytes, "sha256": info.sha256}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = json.dumps({"shard": info.shard, "split": info.split, "keys": info.keys,
+                       "bytes": info.bytes, "sha256": info.sha256})
+    replace_with(sidecar_path(root, info.shard), lambda tmp: tmp.write_text(data))
 
 
 def read_shards(root: Path, clean: bool = False) -> dict[str, ShardInfo]:
@@ -357,9 +407,7 @@ def write_index(root: Path, shards: dict[str, ShardInfo]) -> Path:
         "keys": pa.array([s.keys for s in infos], pa.list_(pa.string())),
     })
     path = root / "index.parquet"
-    tmp = root / "index.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    replace_with(path, lambda tmp: pq.write_table(table, tmp))
     for split in {s.split for s in infos}:
         wids = {
             "__kind__": "wids-shard-index-v1",
@@ -367,10 +415,18 @@ def write_index(root: Path, shards: dict[str, ShardInfo]) -> Path:
             "wids_version": 1,
             "shardlist": [{"url": s.shard, "nsamples": s.num_samples} for s in infos if s.split == split],
         }
-        wids_path = root / f"wids-{split}.json"
-        wids_path.with_suffix(".json.tmp").write_text(json.dumps(wids, indent=1))
-        os.replace(wids_path.with_suffix(".json.tmp"), wids_path)
+        replace_with(root / f"wids-{split}.json", lambda tmp, w=wids: tmp.write_text(json.dumps(w, indent=1)))
     return path
+
+
+def replace_with(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` then rename over `path`; on any error the temp file is removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- verify

@@ -27,13 +27,14 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, option
 from pipeline.shard_index import (
+    FileMember,
     ShardError,
     ShardInfo,
     TarShardWriter,
     check_key,
     next_shard_number,
+    npy_artifact,
     npy_bytes,
-    npy_file_bytes,
     read_shards,
     sidecar_path,
     write_failure,
@@ -44,7 +45,7 @@ from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
 STEPS = 500
-Sample = dict[str, bytes]
+Sample = dict[str, Any]  # member extension → bytes or FileMember, plus `__key__`
 
 
 @dataclass
@@ -105,7 +106,12 @@ class Shards(Stage):
                 by_split.setdefault(self.split_for(row), []).append(row)
         for split, split_rows in by_split.items():
             results += self.write_split(split, split_rows, shards)
-        write_index(self.root, shards)
+        try:
+            write_index(self.root, shards)
+        except OSError as e:  # the shards are safe, but not done until the index lists them
+            reason = write_failure(e, "index.parquet")
+            log.error("shards: %s", reason)
+            return [Result.failed(r.key, reason) if r.status == "ok" else r for r in results]
         return results
 
     def split_for(self, row: Row) -> str:
@@ -213,10 +219,10 @@ def publish(root: Path, tmp: Path, info: ShardInfo) -> None:
         raise
 
 
-def artifact(row: Row, column: str, dtype: str) -> bytes:
+def artifact(row: Row, column: str, dtype: str) -> FileMember | bytes:
     """The 2-D .npy file named in `column`, as `dtype`."""
     try:
-        return npy_file_bytes(row[column], dtype, 2)
+        return npy_artifact(row[column], dtype, 2)
     except (KeyError, TypeError, FileNotFoundError, IsADirectoryError) as e:
         raise ShardError(f"missing_artifact: {column} {row.get(column)!r} not found") from e
     except OSError as e:

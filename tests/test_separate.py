@@ -209,7 +209,7 @@ def test_th_weights_that_need_pickle_are_refused(tmp_path: Path) -> None:
 
 MEMORY_PROBE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from pathlib import Path
     from types import SimpleNamespace
     from stages.separate import Separate, SeparateConfig
@@ -218,7 +218,9 @@ MEMORY_PROBE = textwrap.dedent(
     stage = Separate(SeparateConfig(random_init="tiny8k", shifts=1, skip_instrumental=False, batch_segments=2), run)
     stage.setup()
     [result] = stage.process([{"key": "k", "video_path": source}])
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report the parent's peak
+    hwm = [ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:")]
+    peak_mib = int(hwm[0].split()[1]) / 1024
     print(json.dumps({"status": result.status, "reason": result.reason, "peak_mib": peak_mib,
                       "duration_s": result.metrics.get("audio_duration_s")}))
     """

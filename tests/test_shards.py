@@ -1,6 +1,8 @@
 """Shards: written by the stage, read back by webdataset, wids and HF datasets unmodified; verify
-catches corruption; a kill mid-write then a re-run gives every clip once; takedown."""
+catches corruption; a kill mid-write, or a full disk, then a re-run gives every clip once; takedown."""
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -14,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import shard_index
 from pipeline.config import RunConfig
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.shard_index import read_shards, verify
+from pipeline.shard_index import FileMember, HashingFile, TarShardWriter, read_shards, verify
 from pipeline.takedown import mark_in_manifests, remove_from_shards
 from stages.shards import Shards, ShardsConfig
 
@@ -214,3 +217,102 @@ def test_takedown_removes_a_video_everywhere_and_keeps_the_rest(written):
     sharded = set(store.ok_keys("shards"))
     assert len(sharded) == len(rows) - 3
     assert verify(stage.root, sharded).ok
+
+
+def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path):
+    """Same members, same order, same headers (a long name gets tarfile's PAX header), same end."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(1)
+    big = tmp_path / "big.npy"
+    np.save(big, rng.standard_normal((96, 768)).astype(np.float16))
+    samples = [{"__key__": f"yt_k{i:04d}_000", "hiera.npy": big.read_bytes(), "json": b'{"i": %d}' % i,
+                "tokens.npy": rng.bytes(int(rng.integers(0, 5000)))} for i in range(40)]
+    samples.append({"__key__": "x" * 120, "json": b"{}"})
+    writer = TarShardWriter(tmp_path / "ours.tar")
+    writer.BATCH_BYTES = 1 << 20  # several batches through the writer thread
+    for sample in samples:
+        writer.write({**sample, "hiera.npy": FileMember(big)} if "hiera.npy" in sample else sample)
+    size, sha = writer.close()
+    sink = HashingFile(tmp_path / "theirs.tar")
+    theirs = wds.TarWriter(sink, encoder=False, mtime=0)
+    for sample in samples:
+        theirs.write(sample)
+    theirs.close()
+    sink.close()
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "theirs.tar").read_bytes()
+    assert (size, sha) == (sink.size, sink.sha.hexdigest())
+
+
+def test_an_npy_that_is_not_what_it_claims_fails_its_row(tmp_path: Path):
+    rows = clip_rows(tmp_path / "art", videos=1)
+    data = Path(rows[0]["tokens_path"]).read_bytes()
+    Path(rows[0]["tokens_path"]).write_bytes(data[: len(data) - 100])  # truncated array data
+    np.save(rows[1]["features_path"], np.zeros((3, 96, 64), np.float16))  # 3-D, not [frames, dim]
+    results = {r.key: r for r in make_stage(tmp_path).process(rows)}
+    assert results[rows[0]["key"]].reason.startswith("bad_array")
+    assert results[rows[1]["key"]].reason.startswith("bad_array")
+    assert results[rows[2]["key"]].status == "ok"
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A small tmpfs at `path`; yields a function that grows it (the space coming back)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        if any(s in mounted.stderr.lower() for s in ("permission denied", "not permitted", "superuser")):
+            pytest.skip(f"mount not permitted here: {mounted.stderr.strip()}")
+        raise RuntimeError(f"mount failed: {mounted.stderr.strip()}")
+    try:
+        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def writes_fail_after(monkeypatch, free: int):
+    """The shard writer's writes hit ENOSPC once `free` bytes are written, after a short write,
+    as on a real full disk; yields a function that gives the space back."""
+    real = shard_index.write_all
+    left = [free]
+
+    def write_all(fd: int, data: memoryview) -> None:
+        if len(data) > left[0]:
+            real(fd, data[: left[0]])
+            left[0] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        left[0] -= len(data)
+        real(fd, data)
+
+    monkeypatch.setattr(shard_index, "write_all", write_all)
+    yield lambda _size: monkeypatch.setattr(shard_index, "write_all", real)
+
+
+@pytest.mark.parametrize("full", ["tmpfs", "failing_writes"])
+def test_disk_full_fails_rows_clearly_leaves_no_partial_shard_and_rerun_completes(tmp_path: Path, monkeypatch, full):
+    rows = clip_rows(tmp_path / "art")  # 36 clips of ~25 kB: ~4 shards of 10
+    root = tmp_path / "shards"
+    with tmpfs(root, "600k") if full == "tmpfs" else writes_fail_after(monkeypatch, 600_000) as space_back:
+        results = make_stage(tmp_path, max_samples=10).process(rows)
+        assert sorted(r.key for r in results) == sorted(row["key"] for row in rows)
+        failed = [r for r in results if r.status == "failed"]
+        assert failed, "the disk must fill part-way"
+        assert all(r.reason.startswith("disk_full:") and "No space left on device" in r.reason for r in failed)
+        assert read_shards(root), "shards finished before the disk filled are kept"
+        assert not list(root.glob("*.tmp"))
+        report = verify(root)  # every tar under a final name matches its sidecar's size and sha256
+        assert report.ok, report.faults
+        assert {r.key for r in results if r.status == "ok"} <= {k for i in read_shards(root).values() for k in i.keys}
+
+        space_back("16m")
+        results = make_stage(tmp_path, max_samples=10).process(rows)
+        assert Counter(r.status for r in results) == {"ok": len(rows)}
+        keys = Counter(k for info in read_shards(root).values() for k in info.keys)
+        assert set(keys) == {r["key"] for r in rows} and set(keys.values()) == {1}
+        assert not list(root.glob("*.tmp"))
+        report = verify(root, {r["key"] for r in rows})
+        assert report.ok, report.faults
