@@ -324,31 +324,6 @@ def write_failure(error: OSError, what: str) -> str:
     return f"{kind}: {error.strerror or error} while writing {what}"
 
 
-class HashingFile(io.RawIOBase):
-    """A write-only file that hashes and counts what goes through it (no re-read for sha256)."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.sha.update(view)
-        self.size += len(view)
-        return self.file.write(view)
-
-    def close(self) -> None:
-        if not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-        super().close()
-
-
 @dataclass
 class ShardInfo:
     shard: str

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.manifest import ManifestStore
 from pipeline.shard_index import (
-    HashingFile,
+    TarShardWriter,
     read_shards,
     sidecar_path,
     split_member,
@@ -31,7 +31,6 @@ def remove_from_shards(root: Path, keys: set[str]) -> dict[str, list[str]]:
     """
     import tarfile
 
-    import webdataset as wds
 
     shards = read_shards(root, clean=True)
     removed: dict[str, list[str]] = {}
@@ -51,14 +50,11 @@ def remove_from_shards(root: Path, keys: set[str]) -> dict[str, list[str]]:
             del shards[name]
         else:
             tmp = root / (name + ".tmp")
-            sink = HashingFile(tmp)
-            writer = wds.TarWriter(sink, encoder=False, mtime=0)
+            writer = TarShardWriter(tmp)
             for sample in samples.values():
                 writer.write(sample)
-            writer.close()
-            sink.close()
             info.keys = list(samples)
-            info.bytes, info.sha256 = sink.size, sink.sha.hexdigest()
+            info.bytes, info.sha256 = writer.close()
             os.replace(tmp, root / name)
             write_sidecar(root, info)
         removed[name] = gone
