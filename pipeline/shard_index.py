@@ -207,7 +207,9 @@ class TarShardWriter:
             if ext.startswith("_"):
                 continue
             data = sample[ext]
-            self._add(member_header(f"{key}.{ext}", len(data)))
+            name = f"{key}.{ext}"
+            split_member(name)  # no member that could escape or confuse a reader is ever written
+            self._add(member_header(name, len(data)))
             self._add(data)
             if len(data) % tarfile.BLOCKSIZE:
                 self._add(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))

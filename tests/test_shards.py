@@ -316,3 +316,12 @@ def test_disk_full_fails_rows_clearly_leaves_no_partial_shard_and_rerun_complete
         assert not list(root.glob("*.tmp"))
         report = verify(root, {r["key"] for r in rows})
         assert report.ok, report.faults
+
+
+@pytest.mark.parametrize("key", ["../escape", "a/b", ".hidden", "k\\x"])
+def test_the_writer_refuses_member_names_that_could_escape(tmp_path: Path, key: str):
+    writer = TarShardWriter(tmp_path / "s.tar.tmp")
+    with pytest.raises(shard_index.ShardError, match="unsafe"):
+        writer.write({"__key__": key, "json": b"{}"})
+    writer.abort()
+    assert not (tmp_path / "s.tar.tmp").exists()
