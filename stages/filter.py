@@ -43,6 +43,7 @@ EMBEDDERS = ("clip", "pixels")
 PRECISIONS = ("auto", "fp32", "bf16")
 THUMBNAIL_SIZE = 32  # grey thumbnails for the identical-frame check and blank detection
 PIXELS_SIZE = 16  # the pixels embedder's feature grid
+FRAME_SHORT_SIDE = 224  # frames are shrunk to the embedder's input side (this, for the pixels embedder)
 BLANK_STD = 3.0  # a thumbnail with less grey-level spread than this is a blank (black, white, flat) frame
 LEADER_PASSES = 4  # resampling passes that close in on the end of a blank leader
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
@@ -247,12 +248,17 @@ class Filter(Stage):
             same_as=same_picture(differences, self.config.identical_frame_tolerance),
         )
 
+    def shrink(self, frame: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "frame_side"):
+            self.frame_side = embedder_input_side(self.config)
+        return shrink_to_short_side(frame, self.frame_side)
+
     def read_frames(self, reader: FrameReader) -> tuple[list[np.ndarray], int]:
         """`frames` frames spread uniformly from the first frame, or from the end of a blank leader
         (when configured), and the index they start from."""
         start = 0
         indices = uniform_indices(start, reader.frame_count, self.config.frames)
-        frames = reader.read(indices)
+        frames = reader.read(indices, self.shrink)
         if not self.config.skip_blank_leader:
             return frames, start
         for _ in range(LEADER_PASSES):
@@ -262,7 +268,7 @@ class Filter(Stage):
             # the leader ends between the last blank sample and the next one: sample again from there
             start = indices[blank - 1] + 1
             indices = uniform_indices(start, reader.frame_count, self.config.frames)
-            frames = reader.read(indices)
+            frames = reader.read(indices, self.shrink)
         else:
             blank = leading_blanks(frames)
             if 0 < blank < len(frames) - 1:  # leader frames the passes did not get past
@@ -354,6 +360,32 @@ class Filter(Stage):
 
 # ---------------------------------------------------------------- checks and similarity math
 
+
+def embedder_input_side(c: FilterConfig) -> int:
+    """The side CLIP resizes frames to (224 for ViT-B-32), read from open_clip's model config."""
+    if c.embedder != "clip":
+        return FRAME_SHORT_SIDE
+    import open_clip
+
+    size = (open_clip.get_model_config(c.model) or {}).get("vision_cfg", {}).get("image_size", FRAME_SHORT_SIDE)
+    return int(size if isinstance(size, int) else max(size))
+
+
+def shrink_to_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
+    """A frame larger than the embedder needs, resized as soon as it is decoded (16 4K frames
+    would hold ~400 MB per video, and cross Ray as such from the decode tasks). The size and
+    filter are the ones CLIP's own preprocessing computes (shortest side to 224, PIL bicubic),
+    so its resize becomes a no-op and the embeddings are unchanged."""
+    height, width = frame.shape[:2]
+    if min(height, width) <= short_side:
+        return frame
+    from PIL import Image
+
+    if width <= height:
+        size = (short_side, int(short_side * height / width))
+    else:
+        size = (int(short_side * width / height), short_side)
+    return np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC))
 
 def check_config(c: FilterConfig) -> None:
     if c.embedder not in EMBEDDERS:

@@ -307,6 +307,20 @@ def test_clip_embeddings_match_open_clip_encode_image(clip_stage: Filter, videos
     assert scored.metrics["frame_similarity"] == pytest.approx(frame_similarity(reference), abs=1e-4)
 
 
+
+def test_large_frames_are_shrunk_at_decode_without_changing_clip_embeddings(clip_stage: Filter) -> None:
+    """4K frames are resized to CLIP's input side as they are decoded (bounded memory), with the
+    size and filter CLIP's preprocessing uses: the embeddings are bit-identical."""
+    from stages.filter import shrink_to_short_side
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (2160, 3840, 3), dtype=np.uint8), rng.integers(0, 256, (720, 400, 3), dtype=np.uint8)]
+    shrunk = [shrink_to_short_side(f, 224) for f in frames]
+    assert [f.shape for f in shrunk] == [(224, 398, 3), (403, 224, 3)]
+    assert np.array_equal(clip_stage.embedder.embed(frames), clip_stage.embedder.embed(shrunk))
+    small = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    assert shrink_to_short_side(small, 224) is small
+
 def test_precision_auto_is_bf16_only_on_native_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
