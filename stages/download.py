@@ -22,11 +22,12 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
-from pipeline.config import option
+from pipeline.config import ConfigError, option
 from pipeline.media import MediaError, check_tail_decodes, probe
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
+RATE = re.compile(r"(?i)\d+(\.\d+)?[kmgtpezy]?")  # what yt-dlp's parse_bytes reads: 500K, 2M, 1.5G
 
 
 @dataclass
@@ -86,6 +87,14 @@ class Download(Stage):
     version = "1"
     Config = DownloadConfig
     requires = ("yt_dlp",)
+
+    def __init__(self, config: DownloadConfig, run: Any) -> None:
+        super().__init__(config, run)
+        if config.sections:
+            _parse_section(config.sections)
+        if config.rate_limit and not RATE.fullmatch(config.rate_limit.strip()):
+            raise ConfigError(f"config key 'download.rate_limit': cannot parse {config.rate_limit!r} (use e.g. 2M)")
+
     schema = pa.schema(
         [
             ("video_path", pa.string()),
@@ -191,7 +200,7 @@ class Download(Stage):
         if c.rate_limit:
             total = yt_dlp.utils.parse_bytes(c.rate_limit)
             if not total:
-                raise ValueError(f"download.rate_limit: cannot parse {c.rate_limit!r} (use e.g. 2M)")
+                raise ConfigError(f"config key 'download.rate_limit': cannot parse {c.rate_limit!r} (use e.g. 2M)")
             opts["ratelimit"] = max(1, int(total / max(1, c.concurrency)))
         if c.sections:
             opts["download_ranges"] = yt_dlp.utils.download_range_func(
@@ -294,7 +303,7 @@ def check_url(url: str, allow_private_hosts: bool) -> str | None:
 def _parse_section(spec: str) -> tuple[float, float]:
     match = re.fullmatch(r"\*?(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)", spec.strip())
     if not match:
-        raise ValueError(f"download.sections: expected '*START-END' in seconds, got {spec!r}")
+        raise ConfigError(f"config key 'download.sections': expected '*START-END' in seconds, got {spec!r}")
     return float(match.group(1)), float(match.group(2))
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import option
+from pipeline.config import ConfigError, option
 from pipeline.media import DECODERS, FrameReader, MediaError, uniform_indices
 from pipeline.models import Weights, models_root, resolve
 from pipeline.stage import Resources, Result, Row, Stage
@@ -389,17 +389,17 @@ def shrink_to_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
 
 def check_config(c: FilterConfig) -> None:
     if c.embedder not in EMBEDDERS:
-        raise ValueError(f"filter.embedder must be one of {EMBEDDERS}, got {c.embedder!r}")
+        raise ConfigError(f"filter.embedder must be one of {EMBEDDERS}, got {c.embedder!r}")
     if c.precision not in PRECISIONS:
-        raise ValueError(f"filter.precision must be one of {PRECISIONS}, got {c.precision!r}")
+        raise ConfigError(f"filter.precision must be one of {PRECISIONS}, got {c.precision!r}")
     if c.decode_cpus is not None and c.decode_cpus < 0:
-        raise ValueError(f"filter.decode_cpus must be None or >= 0, got {c.decode_cpus}")
+        raise ConfigError(f"filter.decode_cpus must be None or >= 0, got {c.decode_cpus}")
     if c.decoder not in DECODERS:
-        raise ValueError(f"filter.decoder must be one of {DECODERS}, got {c.decoder!r}")
+        raise ConfigError(f"filter.decoder must be one of {DECODERS}, got {c.decoder!r}")
     if c.frames < 2:
-        raise ValueError(f"filter.frames must be at least 2 (similarity needs pairs), got {c.frames}")
+        raise ConfigError(f"filter.frames must be at least 2 (similarity needs pairs), got {c.frames}")
     if c.early_drop_frames and not 2 <= c.early_drop_frames < c.frames:
-        raise ValueError(
+        raise ConfigError(
             f"filter.early_drop_frames must be 0 or between 2 and filter.frames-1, got {c.early_drop_frames}"
         )
 

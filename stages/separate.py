@@ -50,7 +50,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import option
+from pipeline.config import ConfigError, option
 from pipeline.media import MediaError, stream_audio, write_resampled_flac
 from pipeline.models import RANDOM_INIT, models_root, pick_device, resolve, sha256_file
 from pipeline.stage import Resources, Result, Row, Stage
@@ -129,6 +129,10 @@ class Separate(Stage):
         ]
     )
 
+    def __init__(self, config: SeparateConfig, run: Any) -> None:
+        super().__init__(config, run)
+        check_config(config)
+
     @property
     def resources(self) -> Resources:
         c = self.config
@@ -149,7 +153,6 @@ class Separate(Stage):
         return out
 
     def preflight(self) -> None:
-        check_config(self.config)
         if self.run.weights != "random":
             resolve(f"demucs/{self.config.model}", "pretrained", models_root(self.run.models_root),
                     f"{self.config.model}.yaml")
@@ -158,7 +161,6 @@ class Separate(Stage):
         import torch
 
         c = self.config
-        check_config(c)
         device = pick_device(c.device, c.num_gpus)
         self.bag, self.weights_stamp, self.weights_sha256 = load_bag(c, self.run)
         self.model_label = c.model if self.weights_stamp != RANDOM_INIT else c.random_init
@@ -277,7 +279,10 @@ def check_config(c: SeparateConfig) -> None:
     }
     bad = [name for name, wrong in problems.items() if wrong]
     if bad:
-        raise ValueError(f"separate.{bad[0]}: invalid value {getattr(c, bad[0])!r}")
+        raise ConfigError(f"config key 'separate.{bad[0]}': invalid value {getattr(c, bad[0])!r}")
+    if c.random_init != "htdemucs" and c.random_init not in TINY_KWARGS:
+        raise ConfigError(f"config key 'separate.random_init' must be 'htdemucs' or one of {sorted(TINY_KWARGS)}, "
+                          f"got {c.random_init!r}")
 
 
 # ---------------------------------------------------------------- decoded tracks

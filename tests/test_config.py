@@ -60,3 +60,23 @@ def test_int_accepted_for_float_and_none_for_optional():
     cfg = load_config(None, ["download.backoff_s=3", "download.max_duration_s=null"])
     assert cfg.stage("download").backoff_s == 3.0
     assert cfg.stage("download").max_duration_s is None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("filter.embedder=dino", "filter.embedder"),
+    ("filter.frames=1", "filter.frames"),
+    ("separate.overlap=1.5", "separate.overlap"),
+    ("download.rate_limit=fast", "download.rate_limit"),
+    ("download.sections=10..20", "download.sections"),
+    ("tokens.model=encodec_64khz", "tokens.model"),
+    ("shards.max_bytes=0", "shards.max_bytes"),
+])
+def test_stage_option_values_are_checked_when_the_stage_is_built(override, key):
+    """Values of the right type but outside what the stage accepts fail as ConfigError naming the
+    key, when `run` builds every stage up front — not per row inside a worker."""
+    from stages import STAGES
+
+    cfg = load_config(None, [override])
+    stage = key.split(".")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        STAGES[stage](cfg.stage(stage), cfg.run)
