@@ -68,7 +68,8 @@ bench:  ## every bench/*.py, one combined table into README.md; make bench BENCH
 # `ray start --address` for a second raylet, the demo through RAY_ADDRESS, then which node ran what.
 # Each `ray start --block` stays in the foreground of its own background job; killing that job (by its
 # PID, on any exit) stops the processes it started and nothing else (`ray stop` would stop every Ray on
-# the machine). Ports and temp dirs are per node so two raylets can share one host.
+# the machine). Ports and temp dirs are per node so two raylets can share one host. Clients use the
+# head's token auth (~/.ray/auth_token) as `ray start` does when that file exists.
 CLUSTER_WORK ?= build/cluster-demo
 CLUSTER_PORT ?= 6390
 CLUSTER_VIDEOS ?= 8
@@ -89,13 +90,15 @@ cluster-demo:  ## the demo on a 2-node Ray cluster on this machine; prints which
 	ray start --head --block --num-cpus=1 --port=$(CLUSTER_PORT) --node-ip-address=127.0.0.1 \
 	  --temp-dir="$(CLUSTER_TMP)/head" --include-dashboard=false --dashboard-agent-listen-port=0 \
 	  --disable-usage-stats >"$$work/head.log" 2>&1 & head=$$!; \
+	if [ -z "$${RAY_AUTH_MODE:-}" ] && [ -s "$$HOME/.ray/auth_token" ]; then export RAY_AUTH_MODE=token; fi; \
 	for i in $$(seq 60); do ray status --address="$$addr" >/dev/null 2>&1 && break; sleep 2; done; \
 	echo "== ray start --address=$$addr --num-cpus=1   (a second raylet; log: $$work/worker.log)"; \
 	ray start --block --address="$$addr" --num-cpus=1 --node-ip-address=127.0.0.1 \
 	  --temp-dir="$(CLUSTER_TMP)/worker" --dashboard-agent-listen-port=0 \
 	  --disable-usage-stats >"$$work/worker.log" 2>&1 & worker=$$!; \
 	for i in $$(seq 60); do [ "$$(ray status --address="$$addr" 2>/dev/null | grep -c ' node_')" -ge 2 ] && break; sleep 2; done; \
-	ray status --address="$$addr" | sed -n '/Node status/,/Pending/p'; \
+	ray status --address="$$addr" >"$$work/status.txt"; sed -n '/Node status/,/Pending/p' "$$work/status.txt"; \
+	[ "$$(grep -c ' node_' "$$work/status.txt")" -ge 2 ] || { echo "the second raylet did not join; see $$work/worker.log"; exit 1; }; \
 	echo "== RAY_ADDRESS=$$addr discomv demo --out $$work/demo --videos $(CLUSTER_VIDEOS)"; \
 	RAY_ADDRESS="$$addr" discomv demo --out "$$work/demo" --videos $(CLUSTER_VIDEOS) --no-progress; \
 	echo "== nodes"; \

@@ -20,7 +20,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 with open(sys.argv[2], "w") as f:
-    json.dump([node.unique_id for node in cluster.list_all_nodes()], f)
+    json.dump([node.node_id for node in cluster.list_all_nodes()], f)
 env = dict(os.environ, RAY_ADDRESS=cluster.address)
 code = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-c", sys.argv[1], "--no-progress"],
                       env=env).returncode
