@@ -16,13 +16,13 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config import Config, ConfigError
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
-from pipeline.stage import STATUSES, Result, Row, SourceStage, Stage
+from pipeline.stage import AUTO, STATUSES, Resources, Result, Row, SourceStage, Stage
 
 log = logging.getLogger("discomv")
 FLUSH_SECONDS = 3.0
@@ -181,6 +181,10 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     res = stage.resources
     items = [{"row": json.dumps(r, default=str)} for r in pending]
     blocks = max(1, min(len(items), -(-len(items) // res.batch_size)))
+    _check_gpus_exist(name, res)
+    if res.concurrency == AUTO:
+        res = replace(res, concurrency=_actors_that_fit(res, blocks))
+        log.info("%s: %d actors (%s.concurrency=0: as many as the cluster holds)", name, res.concurrency, name)
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     config_json = json.dumps(cfg.as_dict())
     if res.prepare_cpus and stage_cls.has_prepare():
@@ -197,7 +201,7 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     # A worker or actor that dies mid-batch is retried by Ray Data's defaults (actors restart,
     # their tasks retry); a row is recorded only when its batch's results reach the driver.
     common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
-    if res.concurrency:
+    if res.concurrency is not None:
         ds = ds.map_batches(
             StageWorker,
             fn_constructor_args=(stage_cls, name, config_json),
@@ -285,6 +289,32 @@ class StageWorker:
 
 _WORKERS: dict[tuple[int, str, str], StageWorker] = {}
 _PREPARERS: dict[tuple[int, str, str], Stage] = {}
+
+
+def _check_gpus_exist(name: str, res: Resources) -> None:
+    """A stage asking for GPUs on a cluster without any would wait for them forever."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if res.num_gpus and have < res.num_gpus:
+        raise ConfigError(
+            f"{name}.num_gpus={res.num_gpus:g} but the Ray cluster has {have:g} GPUs: set {name}.num_gpus=0 "
+            "to run on CPU, or start Ray on a machine with a GPU"
+        )
+
+
+def _actors_that_fit(res: Resources, batches: int) -> int:
+    """How many actors of these resources the cluster holds at once (GPUs for a GPU stage, else
+    CPUs beside the prepare tasks), at most one per batch. Stages run one after another, so on a
+    laptop this gives a model stage every core instead of one actor's single torch thread."""
+    import ray
+
+    total = ray.cluster_resources()
+    if res.num_gpus:
+        fit = total.get("GPU", 0.0) // res.num_gpus
+    else:
+        fit = (total.get("CPU", 1.0) - (res.prepare_cpus or 0.0)) // max(res.num_cpus, 0.01)
+    return int(max(1, min(fit, batches)))
 
 
 def _check_prepare_fits(name: str, res: Any) -> None:

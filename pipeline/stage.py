@@ -13,12 +13,14 @@ Row = dict[str, Any]
 
 OK, DROPPED, FAILED = "ok", "dropped", "failed"
 STATUSES = (OK, DROPPED, FAILED)
+AUTO = 0  # Resources.concurrency: as many actors as the cluster holds at once
 
 
 @dataclass(frozen=True)
 class Resources:
     """What one worker of a stage needs. `concurrency=None` runs stateless Ray tasks;
-    an int runs that many long-lived actors (models loaded once per actor). `prepare_cpus`: CPUs
+    an int runs that many long-lived actors (models loaded once per actor); AUTO (0) as many actors
+    as the cluster holds at once. `prepare_cpus`: CPUs
     per Ray task of the stage's `prepare` step, run upstream of those workers; None runs no such
     step (process() then prepares rows itself)."""
 

@@ -83,7 +83,7 @@ class FeaturesConfig:
     batch_size: int = option(4, "clips per process() call")
     windows_per_pass: int = option(24, "16-frame windows per forward pass (6 per clip): bounds memory")
     decode_threads: int = option(2, "threads decoding clips ahead of the model")
-    concurrency: int = option(1, "actors; each loads Hiera once")
+    concurrency: int = option(0, "actors; each loads Hiera once; 0 = as many as the CPUs (GPUs when num_gpus > 0) hold")
     num_cpus: float = option(1.0, "CPUs reserved per actor")
     num_gpus: float = option(0.0, "GPUs per actor")
     seed: int = option(0, "seeds random-init weights (run.weights=random), identical on every worker")

@@ -102,7 +102,7 @@ class SeparateConfig:
     device: str = option("auto", "torch device: auto (cuda when a GPU is reserved) | cpu | cuda")
     num_gpus: float = option(0.0, "GPUs per separation actor")
     num_cpus: float = option(1.0, "CPUs per separation actor")
-    concurrency: int = option(1, "separation actors (each loads the model once)")
+    concurrency: int = option(0, "separation actors (each loads the model once); 0 = as many as the CPUs (GPUs when num_gpus > 0) hold")
     batch_size: int = option(4, "tracks per process() call")
     seed: int = option(0, "seeds the shift offsets (mixed with the key) and random-init weights")
 

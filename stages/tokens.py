@@ -64,7 +64,7 @@ class TokensConfig:
     device: str = option("auto", "torch device: auto (cuda when a GPU is reserved) | cpu | cuda")
     batch_size: int = option(8, "clips per process() call, encoded in one forward pass")
     decode_threads: int = option(2, "threads reading clip audio ahead of the model")
-    concurrency: int = option(1, "actors; each loads the codec once")
+    concurrency: int = option(0, "actors; each loads the codec once; 0 = as many as the CPUs (GPUs when num_gpus > 0) hold")
     num_cpus: float = option(1.0, "CPUs reserved per actor")
     num_gpus: float = option(0.0, "GPUs per actor")
     seed: int = option(0, "seeds random-init weights (run.weights=random), identical on every worker")
