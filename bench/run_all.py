@@ -39,6 +39,7 @@ QUICK: dict[str, tuple[list[str], dict[str, str]]] = {
     "e2e": (["--fast", "--videos", "4"], {}),
     "features": (["--tokens-batches", "1,2", "--features-batches", "1,2", "--features-model", "hiera_test_16x224"], {}),
     "filter": (["--videos", "8", "--duration", "10"], {}),
+    "load": (["--candidates", "40"], {}),
     "separate": (["--files", "2", "--model", "tiny"], {}),
     "shards": ([], {"BENCH_CLIPS": "60"}),
     "train": (["--steps", "2", "--warmup", "1", "--configs", "tiny"], {}),
