@@ -26,7 +26,7 @@ demo:  ## offline end-to-end demo on synthetic music videos served from 127.0.0.
 
 test:  ## lint + the whole test suite
 	ruff check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 lint:
 	ruff check .
