@@ -183,8 +183,10 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     blocks = max(1, min(len(items), -(-len(items) // res.batch_size)))
     _check_gpus_exist(name, res)
     if res.concurrency == AUTO:
-        res = replace(res, concurrency=_actors_that_fit(res, blocks))
-        log.info("%s: %d actors (%s.concurrency=0: as many as the cluster holds)", name, res.concurrency, name)
+        actors = _actors_that_fit(res, blocks)
+        res = replace(res, concurrency=actors, num_cpus=_cpus_each(res, actors))
+        log.info("%s: %d actors × %g CPUs (%s.concurrency=0: as many as the cluster holds)",
+                 name, actors, res.num_cpus, name)
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     config_json = json.dumps(cfg.as_dict())
     if res.prepare_cpus and stage_cls.has_prepare():
@@ -315,6 +317,18 @@ def _actors_that_fit(res: Resources, batches: int) -> int:
     else:
         fit = (total.get("CPU", 1.0) - (res.prepare_cpus or 0.0)) // max(res.num_cpus, 0.01)
     return int(max(1, min(fit, batches)))
+
+
+def _cpus_each(res: Resources, actors: int) -> float:
+    """CPUs per auto-sized CPU actor: the free CPUs shared out, so fewer batches than cores still
+    use every core (Ray gives an actor as many torch/OpenMP threads as CPUs). GPU actors keep theirs."""
+    import ray
+
+    if res.num_gpus:
+        return res.num_cpus
+    free = ray.cluster_resources().get("CPU", 1.0) - (res.prepare_cpus or 0.0)
+    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
+    return max(res.num_cpus, float(int(min(free // actors, largest_node))))
 
 
 def _check_prepare_fits(name: str, res: Any) -> None:

@@ -173,6 +173,11 @@ def test_auto_concurrency_fills_the_cluster_but_not_past_the_batches(ray_local: 
     assert _actors_that_fit(Resources(num_cpus=1, concurrency=AUTO, prepare_cpus=1), batches=100) == max(1, cpus - 1)
     assert _actors_that_fit(Resources(num_cpus=1, num_gpus=1, concurrency=AUTO), batches=100) == 1  # no GPU: one
     assert STAGES["separate"].Config().concurrency == AUTO
+    from pipeline.runner import _cpus_each
+
+    assert _cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=1) == cpus  # one batch: every core
+    assert _cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=cpus) == 1
+    assert _cpus_each(Resources(num_cpus=1, num_gpus=1, concurrency=AUTO), actors=1) == 1
 
 
 def test_a_gpu_stage_on_a_cluster_without_gpus_fails_fast(ray_local: None) -> None:
