@@ -202,7 +202,8 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
         )
     # A worker or actor that dies mid-batch is retried by Ray Data's defaults (actors restart,
     # their tasks retry); a row is recorded only when its batch's results reach the driver.
-    common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
+    common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
+                  memory=res.memory_bytes or None)
     if res.concurrency is not None:
         ds = ds.map_batches(
             StageWorker,
@@ -316,6 +317,8 @@ def _actors_that_fit(res: Resources, batches: int) -> int:
         fit = total.get("GPU", 0.0) // res.num_gpus
     else:
         fit = (total.get("CPU", 1.0) - (res.prepare_cpus or 0.0)) // max(res.num_cpus, 0.01)
+    if res.memory_bytes:
+        fit = min(fit, total.get("memory", 0.0) // res.memory_bytes)
     return int(max(1, min(fit, batches)))
 
 

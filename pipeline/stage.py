@@ -20,15 +20,17 @@ AUTO = 0  # Resources.concurrency: as many actors as the cluster holds at once
 class Resources:
     """What one worker of a stage needs. `concurrency=None` runs stateless Ray tasks;
     an int runs that many long-lived actors (models loaded once per actor); AUTO (0) as many actors
-    as the cluster holds at once. `prepare_cpus`: CPUs
+    as the cluster holds at once (CPUs, GPUs and `memory_bytes` each). `prepare_cpus`: CPUs
     per Ray task of the stage's `prepare` step, run upstream of those workers; None runs no such
-    step (process() then prepares rows itself)."""
+    step (process() then prepares rows itself). `memory_bytes`: host memory one worker holds at its
+    peak, reserved with Ray so workers are never packed past a node's memory (0: not declared)."""
 
     num_cpus: float = 1
     num_gpus: float = 0
     batch_size: int = 8
     concurrency: int | None = None
     prepare_cpus: float | None = None
+    memory_bytes: int = 0
 
     @classmethod
     def of(cls, config: Any) -> Resources:

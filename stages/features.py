@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ VIDEO_HIERA: dict[str, Any] = dict(
     img_size=(WINDOW_FRAMES, SIZE, SIZE), q_stride=(1, 2, 2), mask_unit_size=(1, 8, 8), patch_kernel=(3, 7, 7),
     patch_stride=(TEMPORAL_STRIDE, 4, 4), patch_padding=(1, 3, 3), sep_pos_embed=True, num_classes=0,
 )
+CPU_GIB_PER_24_WINDOWS = 4.5
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "hiera_base_16x224": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
     "hiera_base_plus_16x224": dict(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3)),
@@ -118,7 +119,10 @@ class Features(Stage):
     @property
     def resources(self) -> Resources:
         c = self.config
-        return Resources.of(c)
+        # Hiera-Base on CPU peaks at ~4.1 GiB per actor with 24 windows per pass (Ray's memory
+        # detector, `make demo`); activations scale with the windows. On a GPU they live there.
+        memory = 0 if c.num_gpus else int(CPU_GIB_PER_24_WINDOWS * 2**30 * max(1, c.windows_per_pass) / 24)
+        return replace(Resources.of(c), memory_bytes=memory)
 
     def params(self) -> dict[str, Any]:
         c = self.config

@@ -3,7 +3,7 @@ re-run, and prove the outcome is the one an uninterrupted run gives — every ca
 terminal state, every sharded clip in exactly one shard, `discomv verify` clean, no partial file
 under a final name.
 
-CRASH_N candidates (default 100) and CRASH_SEEDS (default "1,2"); each seed kills the run twice at
+CRASH_N candidates (default 100) and CRASH_SEEDS (default "1,2,3"); each seed kills the run twice at
 times drawn uniformly over the uninterrupted run's duration, then lets a third run finish.
 """
 
@@ -32,7 +32,7 @@ from pipeline.manifest import ManifestStore
 from pipeline.shard_index import read_shards
 
 N = int(os.environ.get("CRASH_N", "100"))
-SEEDS = [int(s) for s in os.environ.get("CRASH_SEEDS", "1,2").split(",")]
+SEEDS = [int(s) for s in os.environ.get("CRASH_SEEDS", "1,2,3").split(",")]
 KILLS_PER_SEED = 2
 SOURCES = ("moving", "slideshow", "voice", "still")  # the still is dropped by filter, the rest sharded
 

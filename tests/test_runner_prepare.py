@@ -178,6 +178,9 @@ def test_auto_concurrency_fills_the_cluster_but_not_past_the_batches(ray_local: 
     assert _cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=1) == cpus  # one batch: every core
     assert _cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=cpus) == 1
     assert _cpus_each(Resources(num_cpus=1, num_gpus=1, concurrency=AUTO), actors=1) == 1
+    memory = ray.cluster_resources()["memory"]  # actors are never packed past the cluster's memory
+    assert _actors_that_fit(Resources(num_cpus=0.1, concurrency=AUTO, memory_bytes=int(memory // 2)), batches=100) == 2
+    assert STAGES["features"](STAGES["features"].Config(), None).resources.memory_bytes > 4 * 2**30
 
 
 def test_a_gpu_stage_on_a_cluster_without_gpus_fails_fast(ray_local: None) -> None:
