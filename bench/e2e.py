@@ -38,21 +38,18 @@ sys.path.insert(0, str(REPO))
 
 from machine import describe, record  # noqa: E402 - bench/ is the script's folder
 
-FAST_MODELS = {"separate": {"random_init": "tiny8k"}, "tokens": {"model": "encodec_32khz_test"},
-               "features": {"model": "hiera_test_16x224"}}
-
 
 def write_run_config(folder: Path, inputs: list[str], fast: bool) -> Path:
     """The demo's config (roots under `folder`), with the small models when `fast`."""
     import yaml
 
-    from pipeline.demo import write_config
+    from pipeline.demo import SMALL_MODELS, write_config
 
     folder.mkdir(parents=True, exist_ok=True)
     path = write_config(folder, inputs)
     if fast:
         config = yaml.safe_load(path.read_text())
-        for section, values in FAST_MODELS.items():
+        for section, values in SMALL_MODELS.items():
             config.setdefault(section, {}).update(values)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

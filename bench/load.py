@@ -29,17 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import record  # noqa: E402
 
 from pipeline import synth  # noqa: E402
+from pipeline.demo import SMALL_MODELS  # noqa: E402
 from pipeline.localserver import LocalServer  # noqa: E402
 
-SOURCES = ("moving", "slideshow", "voice", "still")
 SETTINGS = {
+    **SMALL_MODELS,
     "download": {"allow_private_hosts": True, "concurrency": 2, "retries": 1, "backoff_s": 0.05},
-    "filter": {"embedder": "pixels"},
-    "separate": {"random_init": "tiny8k", "probe_segments": 1, "residual_segments": 1},
     "clips": {"max_clips": 1},
     "beats": {"frame_size": "128x72"},
-    "tokens": {"model": "encodec_32khz_test"},
-    "features": {"model": "hiera_test_16x224"},
     "shards": {"max_samples": 200},
 }
 SUMMARY = re.compile(r"discomv: (\w+): processed (\d+) rows \((.*?)\) in ([\d.]+)s \[([\d.]+) rows/s\]")
@@ -102,24 +99,6 @@ class Sampler(threading.Thread):
             })
 
 
-def make_corpus(root: Path, n: int) -> list[str]:
-    root.mkdir(parents=True, exist_ok=True)
-    for i, kind in enumerate(SOURCES):
-        if not (root / f"{kind}.mp4").exists():
-            synth.make_video(root / f"{kind}.mp4", kind, duration_s=12, seed=i, size="160x120")
-    (root / "page.html").write_text("<html>not a video</html>")
-    names = []
-    for i in range(n):
-        if i % 20 == 19:
-            names.append("status/404/gone.mp4" if i % 40 == 19 else "page.html")
-            continue
-        name = f"c{i:05d}.mp4"
-        if not (root / name).exists():
-            os.link(root / f"{SOURCES[i % len(SOURCES)]}.mp4", root / name)
-        names.append(name)
-    return names
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--candidates", type=int, default=1000)
@@ -128,7 +107,7 @@ def main() -> int:
     out = Path(args.out).resolve()
     for sub in ("manifests", "media", "shards"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    names = make_corpus(out / "source", args.candidates)
+    names = synth.make_copies_corpus(out / "source", args.candidates, broken_every=20)
     with LocalServer(out / "source") as server:
         (out / "urls.txt").write_text("".join(f"{server.url}/{n}?n={i}\n" for i, n in enumerate(names)))
         config = {"run": {"manifest_root": str(out / "manifests"), "media_root": str(out / "media"),

@@ -30,6 +30,14 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # cores takes ~10 s per 7.8 s segment, and the demo must finish in minutes.
     "separate": {"probe_segments": 1, "residual_segments": 1},
 }
+# The small test architectures through the same code paths, for tests, load runs and `e2e --fast`:
+# never for data (outputs are stamped random-init like any random weights).
+SMALL_MODELS: dict[str, dict[str, Any]] = {
+    "filter": {"embedder": "pixels"},
+    "separate": {"random_init": "tiny8k", "probe_segments": 1, "residual_segments": 1},
+    "tokens": {"model": "encodec_32khz_test"},
+    "features": {"model": "hiera_test_16x224"},
+}
 TRAIN_STEPS = 20
 
 

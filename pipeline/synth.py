@@ -228,3 +228,24 @@ def make_corrupt_stream(source: Path, path: Path, stream: str = "a", every_nth_b
 
 def _life(fps: float, size: str = "160x120") -> str:
     return f"life=s={size}:r={fps}:mold=10:ratio=0.5:seed=7:death_color=#3050a0:life_color=#f0c040"
+
+
+def make_copies_corpus(root: Path, n: int, broken_every: int,
+                       sources: tuple[str, ...] = ("moving", "slideshow", "voice", "still")) -> list[str]:
+    """n candidates for load and crash runs: file names under `root`, hard links to one 12 s video
+    per source kind (made once, kept), and every `broken_every`-th a 404 or an HTML page in turn."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, kind in enumerate(sources):
+        if not (root / f"{kind}.mp4").exists():
+            make_video(root / f"{kind}.mp4", kind, duration_s=12, seed=i, size="160x120")
+    (root / "page.html").write_text("<html>not a video</html>")
+    names = []
+    for i in range(n):
+        if i % broken_every == broken_every - 1:
+            names.append("status/404/gone.mp4" if (i // broken_every) % 2 == 0 else "page.html")
+            continue
+        name = f"c{i:05d}.mp4"
+        if not (root / name).exists():
+            (root / name).hardlink_to(root / f"{sources[i % len(sources)]}.mp4")
+        names.append(name)
+    return names

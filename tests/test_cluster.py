@@ -10,6 +10,7 @@ import yaml
 from conftest import write_lines
 
 from pipeline import synth
+from pipeline.demo import SMALL_MODELS
 from pipeline.manifest import ManifestStore
 from stages import STAGES
 
@@ -46,10 +47,7 @@ def test_every_stage_runs_on_a_two_node_cluster(tmp_path: Path, media_dir: Path,
         "ingest": {"inputs": [urls]},
         # one CPU per actor on 1-CPU nodes: the two download actors must land on different nodes
         "download": {"allow_private_hosts": True, "concurrency": 2, "num_cpus": 1},
-        "filter": {"embedder": "pixels"},
-        "separate": {"random_init": "tiny8k", "probe_segments": 1, "residual_segments": 1},
-        "tokens": {"model": "encodec_32khz_test"},
-        "features": {"model": "hiera_test_16x224"},
+        **SMALL_MODELS,
     }))
     nodes_file = tmp_path / "nodes.json"
     proc = subprocess.run([sys.executable, "-c", CLUSTER, str(config), str(nodes_file)], capture_output=True,

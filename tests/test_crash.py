@@ -27,6 +27,7 @@ from test_resume import kill_group
 
 from pipeline import synth
 from pipeline.audit import audit_table
+from pipeline.demo import SMALL_MODELS
 from pipeline.localserver import LocalServer
 from pipeline.manifest import ManifestStore
 from pipeline.shard_index import read_shards
@@ -34,17 +35,13 @@ from pipeline.shard_index import read_shards
 N = int(os.environ.get("CRASH_N", "100"))
 SEEDS = [int(s) for s in os.environ.get("CRASH_SEEDS", "1,2,3").split(",")]
 KILLS_PER_SEED = 2
-SOURCES = ("moving", "slideshow", "voice", "still")  # the still is dropped by filter, the rest sharded
 
 # Small models through the real code paths, so a run of 100 candidates takes about a minute.
 FAST = {
+    **SMALL_MODELS,
     "download": {"allow_private_hosts": True, "concurrency": 2, "retries": 1, "backoff_s": 0.05},
-    "filter": {"embedder": "pixels"},
-    "separate": {"random_init": "tiny8k", "probe_segments": 1, "residual_segments": 1},
     "clips": {"max_clips": 1},
     "beats": {"frame_size": "128x72"},
-    "tokens": {"model": "encodec_32khz_test"},
-    "features": {"model": "hiera_test_16x224"},
     "shards": {"max_samples": 16},  # many shards, so kills land between and inside them
 }
 
@@ -62,17 +59,7 @@ ARTIFACTS = (
 def corpus(tmp_path_factory: pytest.TempPathFactory):
     """N candidates served from 127.0.0.1: copies of four 12 s videos, every 10th one broken."""
     root = tmp_path_factory.mktemp("crash_media")
-    for i, kind in enumerate(SOURCES):
-        synth.make_video(root / f"{kind}.mp4", kind, duration_s=12, seed=i, size="160x120")
-    (root / "page.html").write_text("<html>not a video</html>")
-    names = []
-    for i in range(N):
-        if i % 10 == 9:
-            names.append("status/404/gone.mp4" if i % 20 == 9 else "page.html")
-            continue
-        name = f"c{i:03d}.mp4"
-        os.link(root / f"{SOURCES[i % len(SOURCES)]}.mp4", root / name)
-        names.append(name)
+    names = synth.make_copies_corpus(root, N, broken_every=10)
     with LocalServer(root) as server:
         yield [f"{server.url}/{name}?n={i}" for i, name in enumerate(names)]
 
