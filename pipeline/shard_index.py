@@ -9,6 +9,7 @@ and is removed. `index.parquet` (and `wids-{split}.json`) are rebuilt from the s
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import re
 import tarfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,11 +178,13 @@ class TarShardWriter:
     """Writes WebDataset samples as a plain tar — the very bytes of webdataset's
     `TarWriter(encoder=False, mtime=0)` — while hashing it, and fsyncs it on `close`.
 
-    Member headers come from `tarfile.TarInfo.tobuf` (tarfile's own format), but the member data
-    go to the file as they are, skipping tarfile's stream layer that copies every member through
-    a 10 KB buffer. Reading `FileMember`s, sha256 and the writes run on a second thread (all three
-    release the GIL) while the caller builds the next samples; batches are bounded, so memory and
-    open files are too. A write error (disk full) is raised by the next `write` or by `close`.
+    Member headers are tarfile's (see `member_header`), but the member data go to the file as they
+    are, skipping tarfile's stream layer that copies every member through a 10 KB buffer. The
+    caller's thread lays each ~4 MB batch out in one buffer (headers, bytes, and `FileMember`s read
+    straight into place); a second thread writes it while a third hashes it. Both of those release
+    the GIL for the whole batch, so they run beside the caller building the next samples instead of
+    queueing for the GIL once per member. Batches in flight are bounded, so memory and open files
+    are too. A write error (disk full) is raised by the next `write` or by `close`.
     """
 
     BATCH_BYTES = 4 << 20
@@ -195,7 +199,8 @@ class TarShardWriter:
         self.batch_bytes = 0
         self.error: Exception | None = None
         self.cancelled = False
-        self.batches: queue.Queue[list[bytes | FileMember] | None] = queue.Queue(maxsize=self.QUEUED_BATCHES)
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sha256")
+        self.batches: queue.Queue[memoryview | None] = queue.Queue(maxsize=self.QUEUED_BATCHES)
         self.thread = threading.Thread(target=self._drain, name=f"shard-writer {path.name}", daemon=True)
         self.thread.start()
 
@@ -260,42 +265,52 @@ class TarShardWriter:
     def _send(self) -> None:
         if self.error:
             raise self.error
-        self.batches.put(self.batch)
+        try:
+            buffer = lay_out(self.batch, self.batch_bytes)
+        finally:
+            release(self.batch)
         self.batch, self.batch_bytes = [], 0
+        self.batches.put(buffer)
 
     def _stop(self) -> None:
         if self.thread.is_alive():
             self.batches.put(None)
             self.thread.join()
+        self.hasher.shutdown()
 
     def _drain(self) -> None:
-        while (batch := self.batches.get()) is not None:
+        while (buffer := self.batches.get()) is not None:
             if self.error is None and not self.cancelled:
                 try:
-                    self._hash_and_write(batch)
+                    self._hash_and_write(buffer)
                 except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it
                     self.error = e
-            release(batch)
 
-    def _hash_and_write(self, batch: list[bytes | FileMember]) -> None:
-        # One contiguous buffer per batch, files read straight into their place: one sha256
-        # update and one write, so this thread waits for the GIL a few times per batch only.
-        buffer = memoryview(bytearray(sum(len(item) for item in batch)))
-        start = 0
-        for item in batch:
-            end = start + len(item)
-            if isinstance(item, FileMember):
-                item.read_into(buffer[start:end])
-            else:
-                buffer[start:end] = item
-            start = end
-        self.sha.update(buffer)
-        written = os.lseek(self.fd, 0, os.SEEK_CUR)
-        write_all(self.fd, buffer)
+    def _hash_and_write(self, buffer: memoryview) -> None:
+        hashing = self.hasher.submit(self.sha.update, buffer)
+        try:
+            written = os.lseek(self.fd, 0, os.SEEK_CUR)
+            write_all(self.fd, buffer)
+        finally:
+            hashing.result()  # in order: the next batch is hashed only after this one
         if hasattr(os, "posix_fadvise"):
             # On Linux this starts writing these pages to disk now (and lets the kernel drop them
             # once clean), so the fsync in close() waits for the last batch, not the whole shard.
             os.posix_fadvise(self.fd, written, len(buffer), os.POSIX_FADV_DONTNEED)
+
+
+def lay_out(batch: list[bytes | FileMember], total: int) -> memoryview:
+    """The batch's bytes in one buffer, files read straight into their place."""
+    buffer = memoryview(bytearray(total))
+    start = 0
+    for item in batch:
+        end = start + len(item)
+        if isinstance(item, FileMember):
+            item.read_into(buffer[start:end])
+        else:
+            buffer[start:end] = item
+        start = end
+    return buffer
 
 
 def release(batch: list[bytes | FileMember]) -> None:
@@ -308,11 +323,30 @@ def release(batch: list[bytes | FileMember]) -> None:
 def member_header(name: str, size: int) -> bytes:
     """The header TarWriter gives a member. tarfile's default PAX format adds an extended header
     only for names over 100 bytes (or non-ASCII, or huge sizes); otherwise its bytes are exactly
-    the USTAR header, which is quicker to make."""
+    the USTAR header. That header differs between members of one size only in the name and the
+    checksum (the sum of the header's bytes), so tarfile makes it once per size and the name is
+    patched in: a sample's six headers cost ~3 µs instead of ~150 µs."""
+    encoded = name.encode("ascii") if name.isascii() else b""
+    if not encoded or len(encoded) > tarfile.LENGTH_NAME or size >= 0o77777777777:
+        return tarfile_header(name, size, tarfile.PAX_FORMAT)
+    blank, blank_sum = nameless_header(size)
+    checksum = b"%06o\0" % (blank_sum + sum(encoded))
+    return encoded.ljust(tarfile.LENGTH_NAME, tarfile.NUL) + blank[100:148] + checksum + blank[155:]
+
+
+def tarfile_header(name: str, size: int, fmt: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "bigdata", "bigdata"
-    simple = len(name) <= tarfile.LENGTH_NAME and name.isascii() and size < 0o77777777777
-    return info.tobuf(tarfile.USTAR_FORMAT if simple else tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return info.tobuf(fmt, "utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=4096)
+def nameless_header(size: int) -> tuple[bytes, int]:
+    """tarfile's USTAR header for a member of `size` bytes with an empty name, its checksum field
+    blank (8 spaces, as tarfile sums it), and the sum of its bytes."""
+    header = tarfile_header("", size, tarfile.USTAR_FORMAT)
+    blank = header[:148] + b" " * 8 + header[156:]
+    return blank, sum(blank)
 
 
 def write_all(fd: int, data: memoryview) -> None:
