@@ -40,6 +40,8 @@ ARRAY_MEMBERS = {
 }
 REQUIRED = set(ARRAY_MEMBERS) | {"json"}
 OPTIONAL = {"flac", "mp4"}
+MEMBER_EXTENSIONS = frozenset(REQUIRED | OPTIONAL)
+PADDING = [tarfile.NUL * n for n in range(tarfile.BLOCKSIZE)]  # zeros that fill a member's last block
 
 
 class ShardError(ValueError):
@@ -58,7 +60,7 @@ def split_member(name: str) -> tuple[str, str]:
         raise ShardError(f"unsafe tar member name {name!r}")
     key, _, ext = name.partition(".")
     check_key(key)
-    if ext not in REQUIRED | OPTIONAL:
+    if ext not in MEMBER_EXTENSIONS:
         raise ShardError(f"unexpected tar member {name!r}")
     return key, ext
 
@@ -176,62 +178,73 @@ def load_npy(data: bytes) -> np.ndarray:
 
 class TarShardWriter:
     """Writes WebDataset samples as a plain tar — the very bytes of webdataset's
-    `TarWriter(encoder=False, mtime=0)` — while hashing it, and fsyncs it on `close`.
+    `TarWriter(encoder=False, mtime=0)` — while hashing it, and fsyncs it on `close` unless
+    `durable=False` (then a power loss, not a process crash, can leave it short; verify tells).
 
     Member headers are tarfile's (see `member_header`), but the member data go to the file as they
     are, skipping tarfile's stream layer that copies every member through a 10 KB buffer. The
     caller's thread lays each ~4 MB batch out in one buffer (headers, bytes, and `FileMember`s read
     straight into place); a second thread writes it while a third hashes it. Both of those release
     the GIL for the whole batch, so they run beside the caller building the next samples instead of
-    queueing for the GIL once per member. Batches in flight are bounded, so memory and open files
-    are too. A write error (disk full) is raised by the next `write` or by `close`.
+    queueing for the GIL once per member. A few batch buffers circulate between the threads (reused
+    buffers are already paged in; fresh ones fault every page on first touch), so memory and open
+    files are bounded. A write error (disk full) is raised by the next `write` or by `close`.
     """
 
     BATCH_BYTES = 4 << 20
     QUEUED_BATCHES = 3
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, durable: bool = True) -> None:
         self.path = path
+        self.durable = durable
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.sha = hashlib.sha256()
-        self.size = 0
+        self.sent_bytes = 0
         self.batch: list[bytes | FileMember] = []
         self.batch_bytes = 0
         self.error: Exception | None = None
         self.cancelled = False
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sha256")
-        self.batches: queue.Queue[memoryview | None] = queue.Queue(maxsize=self.QUEUED_BATCHES)
+        self.batches: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(self.QUEUED_BATCHES + 1):
+            self.free.put(bytearray())
         self.thread = threading.Thread(target=self._drain, name=f"shard-writer {path.name}", daemon=True)
         self.thread.start()
 
     def write(self, sample: dict[str, Any]) -> None:
         """Members `{key}.{ext}` in sorted order, as `TarWriter.write` lays them out. Values are
-        bytes or `FileMember`s."""
-        key = sample["__key__"]
+        bytes or `FileMember`s. Only a safe key with known extensions is written, so no member
+        name can escape or confuse a reader (the checks of `split_member`, once per sample)."""
+        key = check_key(sample["__key__"])
         for ext in sorted(sample):
             if ext.startswith("_"):
                 continue
+            if ext not in MEMBER_EXTENSIONS:
+                raise ShardError(f"unexpected tar member {key}.{ext!r}")
             data = sample[ext]
-            name = f"{key}.{ext}"
-            split_member(name)  # no member that could escape or confuse a reader is ever written
-            self._add(member_header(name, len(data)))
-            self._add(data)
-            if len(data) % tarfile.BLOCKSIZE:
-                self._add(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+            size = len(data)
+            padding = -size % tarfile.BLOCKSIZE
+            self.batch += (member_header(f"{key}.{ext}", size), data, PADDING[padding])
+            self.batch_bytes += tarfile.BLOCKSIZE + size + padding
         if self.batch_bytes >= self.BATCH_BYTES:
             self._send()
 
     def close(self) -> tuple[int, str]:
         """End the archive (two zero blocks, padded to a whole record like tarfile), wait for the
-        writes, fsync. Returns (bytes, sha256 hex). On error the partial file is removed."""
+        writes, fsync (when durable). Returns (bytes, sha256 hex). On error the partial file is
+        removed."""
         end = self.size + 2 * tarfile.BLOCKSIZE
-        self._add(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+        trailer = tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE)
+        self.batch.append(trailer)
+        self.batch_bytes += len(trailer)
         try:
             self._send()
             self._stop()
             if self.error:
                 raise self.error
-            os.fsync(self.fd)
+            if self.durable:
+                os.fsync(self.fd)
         except BaseException:
             self.abort()
             raise
@@ -257,20 +270,27 @@ class TarShardWriter:
         if exc_type is not None:
             self.abort()
 
-    def _add(self, data: bytes | FileMember) -> None:
-        self.batch.append(data)
-        self.batch_bytes += len(data)
-        self.size += len(data)
+    @property
+    def size(self) -> int:
+        """Bytes of the tar so far, counting samples not yet written out."""
+        return self.sent_bytes + self.batch_bytes
 
     def _send(self) -> None:
         if self.error:
             raise self.error
+        buffer = self.free.get()  # waits while every buffer is queued or being written
+        if len(buffer) < self.batch_bytes:
+            buffer = bytearray(self.batch_bytes)
         try:
-            buffer = lay_out(self.batch, self.batch_bytes)
+            lay_out(self.batch, memoryview(buffer))
+        except BaseException:
+            self.free.put(buffer)
+            raise
         finally:
             release(self.batch)
+        self.batches.put((buffer, self.batch_bytes))
+        self.sent_bytes += self.batch_bytes
         self.batch, self.batch_bytes = [], 0
-        self.batches.put(buffer)
 
     def _stop(self) -> None:
         if self.thread.is_alive():
@@ -279,12 +299,14 @@ class TarShardWriter:
         self.hasher.shutdown()
 
     def _drain(self) -> None:
-        while (buffer := self.batches.get()) is not None:
+        while (item := self.batches.get()) is not None:
+            buffer, length = item
             if self.error is None and not self.cancelled:
                 try:
-                    self._hash_and_write(buffer)
+                    self._hash_and_write(memoryview(buffer)[:length])
                 except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it
                     self.error = e
+            self.free.put(buffer)
 
     def _hash_and_write(self, buffer: memoryview) -> None:
         hashing = self.hasher.submit(self.sha.update, buffer)
@@ -293,15 +315,14 @@ class TarShardWriter:
             write_all(self.fd, buffer)
         finally:
             hashing.result()  # in order: the next batch is hashed only after this one
-        if hasattr(os, "posix_fadvise"):
+        if self.durable and hasattr(os, "posix_fadvise"):
             # On Linux this starts writing these pages to disk now (and lets the kernel drop them
             # once clean), so the fsync in close() waits for the last batch, not the whole shard.
             os.posix_fadvise(self.fd, written, len(buffer), os.POSIX_FADV_DONTNEED)
 
 
-def lay_out(batch: list[bytes | FileMember], total: int) -> memoryview:
-    """The batch's bytes in one buffer, files read straight into their place."""
-    buffer = memoryview(bytearray(total))
+def lay_out(batch: list[bytes | FileMember], buffer: memoryview) -> None:
+    """The batch's bytes into the front of `buffer`, files read straight into their place."""
     start = 0
     for item in batch:
         end = start + len(item)
@@ -310,7 +331,6 @@ def lay_out(batch: list[bytes | FileMember], total: int) -> memoryview:
         else:
             buffer[start:end] = item
         start = end
-    return buffer
 
 
 def release(batch: list[bytes | FileMember]) -> None:

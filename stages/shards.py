@@ -59,6 +59,9 @@ class ShardsConfig:
     include_flac: bool = option(False, "add the clip's 32 kHz instrumental as `flac`")
     include_mp4: bool = option(False, "add the clip re-encoded small as `mp4`")
     mp4_height: int = option(128, "height of the optional mp4")
+    fsync: bool = option(
+        True, "fsync each shard before renaming it into place (false: faster where the disk is slow, "
+        "but a power loss or kernel crash can leave a short shard under its final name; verify finds it)")
 
 
 class Shards(Stage):
@@ -161,7 +164,7 @@ class Shards(Stage):
         a write error is raised part-way."""
         tmp = self.root / (info.shard + ".tmp")
         sizes = {}
-        with TarShardWriter(tmp) as writer:
+        with TarShardWriter(tmp, durable=self.config.fsync) as writer:
             while (item := samples.peek()) and len(info.keys) < self.config.max_samples:
                 key, sample = item
                 size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")

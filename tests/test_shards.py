@@ -20,7 +20,7 @@ import pytest
 from pipeline import shard_index
 from pipeline.config import RunConfig
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.shard_index import FileMember, TarShardWriter, read_shards, verify
+from pipeline.shard_index import FileMember, TarShardWriter, member_header, read_shards, verify
 from pipeline.takedown import mark_in_manifests, remove_from_shards
 from stages.shards import Shards, ShardsConfig
 
@@ -220,9 +220,15 @@ def test_takedown_removes_a_video_everywhere_and_keeps_the_rest(written):
     assert verify(stage.root, sharded).ok
 
 
-def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path):
-    """Same members, same order, same headers (a long name gets tarfile's PAX header), same end."""
+@pytest.mark.parametrize("durable", [True, False])
+def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool):
+    """Same members, same order, same headers (a long name gets tarfile's PAX header), same end;
+    fsynced unless durable=False (shards.fsync)."""
     import webdataset as wds
+
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
 
     rng = np.random.default_rng(1)
     big = tmp_path / "big.npy"
@@ -230,11 +236,12 @@ def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path):
     samples = [{"__key__": f"yt_k{i:04d}_000", "hiera.npy": big.read_bytes(), "json": b'{"i": %d}' % i,
                 "tokens.npy": rng.bytes(int(rng.integers(0, 5000)))} for i in range(40)]
     samples.append({"__key__": "x" * 120, "json": b"{}"})
-    writer = TarShardWriter(tmp_path / "ours.tar")
+    writer = TarShardWriter(tmp_path / "ours.tar", durable=durable)
     writer.BATCH_BYTES = 1 << 20  # several batches through the writer thread
     for sample in samples:
         writer.write({**sample, "hiera.npy": FileMember(big)} if "hiera.npy" in sample else sample)
     size, sha = writer.close()
+    assert len(fsyncs) == (1 if durable else 0)
     theirs = wds.TarWriter(str(tmp_path / "theirs.tar"), encoder=False, mtime=0)
     for sample in samples:
         theirs.write(sample)
@@ -242,6 +249,19 @@ def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path):
     expected = (tmp_path / "theirs.tar").read_bytes()
     assert (tmp_path / "ours.tar").read_bytes() == expected
     assert (size, sha) == (len(expected), hashlib.sha256(expected).hexdigest())
+
+
+@pytest.mark.parametrize("length", [1, 99, 100, 101, 150])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 147_584, 8**11 - 1, 8**11])
+def test_member_headers_are_tarfiles_at_the_edges(length: int, size: int):
+    """The per-size header with the name patched in equals tarfile's own header at the USTAR limits
+    (100-byte names, 11-digit octal sizes), where tarfile switches to a PAX header."""
+    import tarfile
+
+    name = ("k" * length)[: length - 4] + ".npy" if length > 4 else "k" * length
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "bigdata", "bigdata"
+    assert member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def test_an_npy_that_is_not_what_it_claims_fails_its_row(tmp_path: Path):
