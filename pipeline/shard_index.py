@@ -204,6 +204,7 @@ class TarShardWriter:
         self.batch_bytes = 0
         self.error: Exception | None = None
         self.cancelled = False
+        self.finished = False  # closed or aborted: no more writes
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sha256")
         self.batches: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
         self.free: queue.Queue[bytearray] = queue.Queue()
@@ -216,17 +217,19 @@ class TarShardWriter:
         """Members `{key}.{ext}` in sorted order, as `TarWriter.write` lays them out. Values are
         bytes or `FileMember`s. Only a safe key with known extensions is written, so no member
         name can escape or confuse a reader (the checks of `split_member`, once per sample)."""
+        if self.finished:
+            raise ValueError(f"{self.path.name}: write after close or abort")
         key = check_key(sample["__key__"])
-        for ext in sorted(sample):
-            if ext.startswith("_"):
-                continue
-            if ext not in MEMBER_EXTENSIONS:
-                raise ShardError(f"unexpected tar member {key}.{ext!r}")
+        extensions = sorted(ext for ext in sample if not ext.startswith("_"))
+        if unknown := [ext for ext in extensions if ext not in MEMBER_EXTENSIONS]:
+            raise ShardError(f"unexpected tar member {key}.{unknown[0]!r}")
+        for ext in extensions:
             data = sample[ext]
             size = len(data)
+            header = member_header(f"{key}.{ext}", size)  # 512 bytes, more for a PAX name
             padding = -size % tarfile.BLOCKSIZE
-            self.batch += (member_header(f"{key}.{ext}", size), data, PADDING[padding])
-            self.batch_bytes += tarfile.BLOCKSIZE + size + padding
+            self.batch += (header, data, PADDING[padding])
+            self.batch_bytes += len(header) + size + padding
         if self.batch_bytes >= self.BATCH_BYTES:
             self._send()
 
@@ -234,6 +237,8 @@ class TarShardWriter:
         """End the archive (two zero blocks, padded to a whole record like tarfile), wait for the
         writes, fsync (when durable). Returns (bytes, sha256 hex). On error the partial file is
         removed."""
+        if self.finished:
+            raise ValueError(f"{self.path.name}: already closed or aborted")
         end = self.size + 2 * tarfile.BLOCKSIZE
         trailer = tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE)
         self.batch.append(trailer)
@@ -250,11 +255,14 @@ class TarShardWriter:
             raise
         os.close(self.fd)
         self.fd = -1
+        self.finished = True
         return self.size, self.sha.hexdigest()
 
     def abort(self) -> None:
-        """Stop writing and remove the partial file."""
-        self.cancelled = True
+        """Stop writing and remove the partial file (nothing, once `close` has succeeded)."""
+        if self.finished:
+            return
+        self.finished = self.cancelled = True
         self._stop()
         release(self.batch)
         self.batch = []
@@ -282,7 +290,8 @@ class TarShardWriter:
         if len(buffer) < self.batch_bytes:
             buffer = bytearray(self.batch_bytes)
         try:
-            lay_out(self.batch, memoryview(buffer))
+            if lay_out(self.batch, memoryview(buffer)) != self.batch_bytes:
+                raise RuntimeError(f"{self.path.name}: batch laid out to a length other than counted (a bug)")
         except BaseException:
             self.free.put(buffer)
             raise
@@ -321,8 +330,9 @@ class TarShardWriter:
             os.posix_fadvise(self.fd, written, len(buffer), os.POSIX_FADV_DONTNEED)
 
 
-def lay_out(batch: list[bytes | FileMember], buffer: memoryview) -> None:
-    """The batch's bytes into the front of `buffer`, files read straight into their place."""
+def lay_out(batch: list[bytes | FileMember], buffer: memoryview) -> int:
+    """The batch's bytes into the front of `buffer`, files read straight into their place; returns
+    their length."""
     start = 0
     for item in batch:
         end = start + len(item)
@@ -331,6 +341,7 @@ def lay_out(batch: list[bytes | FileMember], buffer: memoryview) -> None:
         else:
             buffer[start:end] = item
         start = end
+    return start
 
 
 def release(batch: list[bytes | FileMember]) -> None:

@@ -50,11 +50,11 @@ def remove_from_shards(root: Path, keys: set[str]) -> dict[str, list[str]]:
             del shards[name]
         else:
             tmp = root / (name + ".tmp")
-            writer = TarShardWriter(tmp)
-            for sample in samples.values():
-                writer.write(sample)
-            info.keys = list(samples)
-            info.bytes, info.sha256 = writer.close()
+            with TarShardWriter(tmp) as writer:  # an error removes the temp file
+                for sample in samples.values():
+                    writer.write(sample)
+                info.keys = list(samples)
+                info.bytes, info.sha256 = writer.close()
             os.replace(tmp, root / name)
             write_sidecar(root, info)
         removed[name] = gone

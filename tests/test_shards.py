@@ -251,6 +251,44 @@ def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path, monkeypat
     assert (size, sha) == (len(expected), hashlib.sha256(expected).hexdigest())
 
 
+def test_long_names_in_early_batches_and_reused_buffers(tmp_path: Path):
+    """PAX headers (names over 100 bytes) are longer than 512 bytes: counted as such in every batch,
+    not only the last, including when a larger recycled buffer hides a miscount."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(2)
+    samples = [{"__key__": f"big{i}", "flac": rng.bytes(6 << 20)} for i in range(5)]
+    samples += [{"__key__": "L" * 120, "json": b"{}"}, {"__key__": "mid", "flac": rng.bytes(5 << 20)},
+                {"__key__": "M" * 150, "json": b"{}"}, {"__key__": "end", "json": b"{}"}]
+    writer = TarShardWriter(tmp_path / "ours.tar")
+    for sample in samples:
+        writer.write(sample)
+    size, sha = writer.close()
+    theirs = wds.TarWriter(str(tmp_path / "theirs.tar"), encoder=False, mtime=0)
+    for sample in samples:
+        theirs.write(sample)
+    theirs.close()
+    expected = (tmp_path / "theirs.tar").read_bytes()
+    assert (tmp_path / "ours.tar").read_bytes() == expected
+    assert (size, sha) == (len(expected), hashlib.sha256(expected).hexdigest())
+
+
+def test_a_finished_writer_refuses_writes_and_keeps_its_file(tmp_path: Path):
+    writer = TarShardWriter(tmp_path / "done.tar")
+    writer.write({"__key__": "a", "json": b"{}"})
+    writer.close()
+    writer.abort()  # after a successful close: nothing to undo
+    assert (tmp_path / "done.tar").stat().st_size > 0
+    for call in (lambda: writer.write({"__key__": "b", "json": b"{}"}), writer.close):
+        with pytest.raises(ValueError, match="close"):
+            call()
+    aborted = TarShardWriter(tmp_path / "aborted.tar")
+    aborted.abort()
+    with pytest.raises(ValueError, match="abort"):
+        aborted.write({"__key__": "c", "flac": b"x" * (5 << 20)})
+    assert not (tmp_path / "aborted.tar").exists()
+
+
 @pytest.mark.parametrize("length", [1, 99, 100, 101, 150])
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 147_584, 8**11 - 1, 8**11])
 def test_member_headers_are_tarfiles_at_the_edges(length: int, size: int):
