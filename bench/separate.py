@@ -87,12 +87,16 @@ def run_cli(repo: Path, out: Path, inputs: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def segment_frames(model: object) -> int:
+    return int(float(model.segment) * model.samplerate)
+
+
 def model_seconds_per_segment(model: object, passes: int = 3) -> float:
     """Seconds of the fastest of `passes` bare forward passes over one segment (after a warm-up):
     the floor of any runner's cost per segment at these settings on this machine."""
     import torch
 
-    segment = torch.randn(1, 2, int(float(model.segment) * model.samplerate))
+    segment = torch.randn(1, 2, segment_frames(model))
     times = []
     with torch.inference_mode():
         model(segment)
@@ -107,7 +111,7 @@ def segments_of(path: Path, model: object, overlap: float = 0.25) -> int:
     """Model calls Demucs' split makes for this file: one per stride, each a whole segment."""
     import soundfile as sf
 
-    stride = int((1 - overlap) * int(float(model.segment) * model.samplerate))
+    stride = int((1 - overlap) * segment_frames(model))
     return math.ceil(sf.info(str(path)).frames / stride)
 
 

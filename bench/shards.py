@@ -2,9 +2,9 @@
 
 The stage reads each clip's .npy artifacts, builds the sample (beats arrays, provenance JSON),
 writes the tar (tarfile headers; the batch laid out by the caller, written by a second thread and
-hashed by a third), fsyncs it and
-renames it into place, then rewrites index.parquet; `tar` only archives member files already laid
-out on disk and does not fsync — the floor of what writing a shard costs. `tar -cf` + an fsync of
+hashed by a third), fsyncs it and renames it into place, then rewrites index.parquet; `tar` only
+archives member files already laid out on disk and does not fsync — the floor of what writing a
+shard costs. `tar -cf` + an fsync of
 its output is timed too: the baseline with the same durability. The corpus defaults to 2000 clips
 (~330 MB), one full shard at the default `max_samples`, so per-call fixed costs (shard scan, index,
 fsync) weigh what they weigh in a real run. The stage runs twice per round: as configured by default

@@ -203,7 +203,6 @@ class TarShardWriter:
         self.batch: list[bytes | FileMember] = []
         self.batch_bytes = 0
         self.error: Exception | None = None
-        self.cancelled = False
         self.finished = False  # closed or aborted: no more writes
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sha256")
         self.batches: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
@@ -262,7 +261,7 @@ class TarShardWriter:
         """Stop writing and remove the partial file (nothing, once `close` has succeeded)."""
         if self.finished:
             return
-        self.finished = self.cancelled = True
+        self.finished = True  # the writer thread drops what is still queued
         self._stop()
         release(self.batch)
         self.batch = []
@@ -310,7 +309,7 @@ class TarShardWriter:
     def _drain(self) -> None:
         while (item := self.batches.get()) is not None:
             buffer, length = item
-            if self.error is None and not self.cancelled:
+            if self.error is None and not self.finished:
                 try:
                     self._hash_and_write(memoryview(buffer)[:length])
                 except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it

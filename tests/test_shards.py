@@ -220,12 +220,23 @@ def test_takedown_removes_a_video_everywhere_and_keeps_the_rest(written):
     assert verify(stage.root, sharded).ok
 
 
+def assert_written_as_tarwriter_would(ours: Path, size_and_sha: tuple[int, str], samples: list[dict]) -> None:
+    """`ours` holds the very bytes webdataset's TarWriter writes for `samples`; size and sha256 match."""
+    import webdataset as wds
+
+    theirs = wds.TarWriter(str(ours.with_name("theirs.tar")), encoder=False, mtime=0)
+    for sample in samples:
+        theirs.write(sample)
+    theirs.close()
+    expected = ours.with_name("theirs.tar").read_bytes()
+    assert ours.read_bytes() == expected
+    assert size_and_sha == (len(expected), hashlib.sha256(expected).hexdigest())
+
+
 @pytest.mark.parametrize("durable", [True, False])
 def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool):
     """Same members, same order, same headers (a long name gets tarfile's PAX header), same end;
     fsynced unless durable=False (shards.fsync)."""
-    import webdataset as wds
-
     fsyncs = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
@@ -242,20 +253,12 @@ def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path, monkeypat
         writer.write({**sample, "hiera.npy": FileMember(big)} if "hiera.npy" in sample else sample)
     size, sha = writer.close()
     assert len(fsyncs) == (1 if durable else 0)
-    theirs = wds.TarWriter(str(tmp_path / "theirs.tar"), encoder=False, mtime=0)
-    for sample in samples:
-        theirs.write(sample)
-    theirs.close()
-    expected = (tmp_path / "theirs.tar").read_bytes()
-    assert (tmp_path / "ours.tar").read_bytes() == expected
-    assert (size, sha) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert_written_as_tarwriter_would(tmp_path / "ours.tar", (size, sha), samples)
 
 
 def test_long_names_in_early_batches_and_reused_buffers(tmp_path: Path):
     """PAX headers (names over 100 bytes) are longer than 512 bytes: counted as such in every batch,
     not only the last, including when a larger recycled buffer hides a miscount."""
-    import webdataset as wds
-
     rng = np.random.default_rng(2)
     samples = [{"__key__": f"big{i}", "flac": rng.bytes(6 << 20)} for i in range(5)]
     samples += [{"__key__": "L" * 120, "json": b"{}"}, {"__key__": "mid", "flac": rng.bytes(5 << 20)},
@@ -264,13 +267,7 @@ def test_long_names_in_early_batches_and_reused_buffers(tmp_path: Path):
     for sample in samples:
         writer.write(sample)
     size, sha = writer.close()
-    theirs = wds.TarWriter(str(tmp_path / "theirs.tar"), encoder=False, mtime=0)
-    for sample in samples:
-        theirs.write(sample)
-    theirs.close()
-    expected = (tmp_path / "theirs.tar").read_bytes()
-    assert (tmp_path / "ours.tar").read_bytes() == expected
-    assert (size, sha) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert_written_as_tarwriter_would(tmp_path / "ours.tar", (size, sha), samples)
 
 
 def test_a_finished_writer_refuses_writes_and_keeps_its_file(tmp_path: Path):
