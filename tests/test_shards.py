@@ -240,6 +240,10 @@ def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path, monkeypat
     fsyncs = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    writebacks = []
+    if hasattr(os, "posix_fadvise"):
+        real_fadvise = os.posix_fadvise
+        monkeypatch.setattr(os, "posix_fadvise", lambda *a: writebacks.append(a) or real_fadvise(*a))
 
     rng = np.random.default_rng(1)
     big = tmp_path / "big.npy"
@@ -248,11 +252,16 @@ def test_shard_bytes_are_exactly_webdatasets_tarwriter(tmp_path: Path, monkeypat
                 "tokens.npy": rng.bytes(int(rng.integers(0, 5000)))} for i in range(40)]
     samples.append({"__key__": "x" * 120, "json": b"{}"})
     writer = TarShardWriter(tmp_path / "ours.tar", durable=durable)
-    writer.BATCH_BYTES = 1 << 20  # several batches through the writer thread
+    writer.BATCH_BYTES = 256 << 10  # several batches through the writer thread
+    writer.WRITEBACK_BYTES = 1 << 20  # and several early writebacks when durable
     for sample in samples:
         writer.write({**sample, "hiera.npy": FileMember(big)} if "hiera.npy" in sample else sample)
     size, sha = writer.close()
     assert len(fsyncs) == (1 if durable else 0)
+    if hasattr(os, "posix_fadvise"):  # early writeback: consecutive ranges of >= 1 MB, only when durable
+        assert (len(writebacks) >= 3) if durable else not writebacks
+        assert [a[1] for a in writebacks] == [sum(a[2] for a in writebacks[:i]) for i in range(len(writebacks))]
+        assert all(a[2] >= writer.WRITEBACK_BYTES for a in writebacks)
     assert_written_as_tarwriter_would(tmp_path / "ours.tar", (size, sha), samples)
 
 
