@@ -84,10 +84,9 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | Non
     """(shape, fortran order, dtype, data offset) of .npy bytes, or None if they aren't .npy.
     Parsed by numpy once per distinct header: a run's token (or feature) files all share one."""
     fmt = np.lib.format
-    head = io.BytesIO(data[: fmt.MAGIC_LEN + 4])
-    try:
-        version = fmt.read_magic(head)
-    except ValueError:
+    version = tuple(data[fmt.MAGIC_LEN - 2: fmt.MAGIC_LEN])  # the magic string ends with the version
+    read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+    if read_header is None or data[: fmt.MAGIC_LEN - 2] != fmt.MAGIC_PREFIX:
         return None
     length_bytes = 2 if version == (1, 0) else 4
     end = fmt.MAGIC_LEN + length_bytes + int.from_bytes(data[fmt.MAGIC_LEN: fmt.MAGIC_LEN + length_bytes], "little")
@@ -97,9 +96,6 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | Non
     if raw not in _PARSED_HEADERS:
         if len(_PARSED_HEADERS) > 256:  # many distinct shapes: don't grow without bound
             _PARSED_HEADERS.clear()
-        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-        if read_header is None:
-            return None
         try:
             _PARSED_HEADERS[raw] = read_header(io.BytesIO(raw[fmt.MAGIC_LEN:]))
         except ValueError:
@@ -113,13 +109,17 @@ class FileMember:
     sample, its bytes read by the shard writer's thread from the same open file, so reading
     overlaps building the next samples. The file is closed once read, or when dropped."""
 
-    __slots__ = ("fd", "size", "name")
+    __slots__ = ("fd", "size", "path")
 
     def __init__(self, path: str | Path) -> None:
         self.fd = -1
-        self.name = os.path.basename(path)
+        self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
 
     def __len__(self) -> int:
         return self.size

@@ -167,6 +167,27 @@ def test_unsafe_or_incomplete_rows_fail_without_stopping_others(tmp_path: Path):
     assert results[rows[2]["key"]].status == "ok"
 
 
+def test_rows_with_bad_beat_arrays_fail_with_the_reason_and_the_rest_are_written(tmp_path: Path):
+    rows = clip_rows(tmp_path / "art", videos=2)
+    rows[0]["music_beats"] = rows[0]["music_beats"][:-1]
+    rows[1]["video_beats"] = [300] + rows[1]["video_beats"][1:]  # not an int8
+    rows[2]["video_beats"] = [0.5] + rows[2]["video_beats"][1:]  # a flag that is not an integer
+    rows[3]["beat_weights"] = None
+    rows[4]["beat_weights"] = ["x"] + rows[4]["beat_weights"][1:]
+    results = {r.key: r for r in make_stage(tmp_path).process(rows)}
+    reasons = [results[row["key"]].reason.split(":")[0] for row in rows[:5]]
+    assert reasons == ["missing_beats", "bad_beats", "bad_beats", "missing_beats", "bad_beats"]
+    assert [results[row["key"]].status for row in rows[5:]] == ["ok"]
+    shards = read_shards(tmp_path / "shards")
+    assert [k for info in shards.values() for k in info.keys] == [rows[5]["key"]]
+    import webdataset as wds
+
+    [sample] = list(wds.WebDataset([str(p) for p in (tmp_path / "shards").glob("*.tar")], shardshuffle=False).decode())
+    assert sample["music_beats.npy"].dtype == np.int8 and sample["beat_weights.npy"].dtype == np.float32
+    assert np.array_equal(sample["music_beats.npy"], rows[5]["music_beats"])
+    assert np.array_equal(sample["beat_weights.npy"], rows[5]["beat_weights"])
+
+
 KILLED_WRITER = """
 import json, sys
 from pathlib import Path
