@@ -20,7 +20,7 @@ import re
 import tarfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,19 +315,25 @@ class TarShardWriter:
     def _drain(self) -> None:
         while (item := self.batches.get()) is not None:
             buffer, length = item
-            if self.error is None and not self.finished:
-                try:
-                    self._hash_and_write(memoryview(buffer)[:length])
-                except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it
-                    self.error = e
-            self.free.put(buffer)
+            if self.error is not None or self.finished:
+                self.free.put(buffer)
+                continue
+            batch = memoryview(buffer)[:length]
+            hashing = self.hasher.submit(self.sha.update, batch)  # one hasher thread: in order
+            try:
+                self._write(batch)
+            except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it
+                self.error = e
+            # The buffer is free once hashed too; meanwhile this thread writes the next batch.
+            hashing.add_done_callback(functools.partial(self._hashed, buffer))
 
-    def _hash_and_write(self, buffer: memoryview) -> None:
-        hashing = self.hasher.submit(self.sha.update, buffer)
-        try:
-            write_all(self.fd, buffer)
-        finally:
-            hashing.result()  # in order: the next batch is hashed only after this one
+    def _hashed(self, buffer: bytearray, hashing: Future) -> None:
+        if hashing.exception() is not None:
+            self.error = self.error or hashing.exception()
+        self.free.put(buffer)
+
+    def _write(self, buffer: memoryview) -> None:
+        write_all(self.fd, buffer)
         self.written_bytes += len(buffer)
         pending = self.written_bytes - self.writeback_from
         if self.durable and hasattr(os, "posix_fadvise") and pending >= self.WRITEBACK_BYTES:
