@@ -316,6 +316,21 @@ def test_a_finished_writer_refuses_writes_and_keeps_its_file(tmp_path: Path):
     assert not (tmp_path / "aborted.tar").exists()
 
 
+def test_a_hashing_error_fails_the_shard_instead_of_a_wrong_sha256(tmp_path: Path):
+    class BrokenHash:
+        def update(self, data: memoryview) -> None:
+            raise MemoryError("hash died")
+
+    writer = TarShardWriter(tmp_path / "broken.tar")
+    writer.BATCH_BYTES = 64 << 10
+    writer.sha = BrokenHash()
+    with pytest.raises(MemoryError, match="hash died"), writer:  # as the stage uses it: aborted on error
+        for i in range(40):  # several batches: raised by a later write or by close
+            writer.write({"__key__": f"k{i}", "flac": b"x" * (20 << 10)})
+        writer.close()
+    assert not (tmp_path / "broken.tar").exists()
+
+
 @pytest.mark.parametrize("length", [1, 99, 100, 101, 150])
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 147_584, 8**11 - 1, 8**11])
 def test_member_headers_are_tarfiles_at_the_edges(length: int, size: int):
