@@ -38,7 +38,7 @@ from pipeline.config import RunConfig  # noqa: E402
 from stages.shards import Shards, ShardsConfig  # noqa: E402
 
 CLIPS = int(os.environ.get("BENCH_CLIPS", "2000"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "9"))
 
 
 def make_rows(folder: Path, clips: int) -> list[dict]:
