@@ -26,7 +26,7 @@ Everything lives on one grid: the clip's EnCodec steps, `step_hz` (50) per secon
 Frames are decoded by one ffmpeg process per clip, `-ss start -t clip -vf fps=9.6:round=up,scale`
 piped as raw pixels: on a 640x360 H.264 clip that is 0.27 s per clip against 0.44-0.59 s for
 decord seeking to the 96 frame indices plus resizing, and it selects frames by timestamp (right
-for variable frame rates) and applies the rotation metadata, which decord ignores. `round=up` makes
+for variable frame rates) and applies the rotation metadata, as decord does. `round=up` makes
 frame j exactly the frame on screen at its time (checked against a frame-numbered video).
 
 Artifact: `<media_root>/beats/<key>.npz` (np.savez, load with allow_pickle=False): float16

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import synth
 from pipeline.config import load_config_dict
-from pipeline.media import FrameReader, uniform_indices
+from pipeline.media import FrameReader, probe, uniform_indices
 from pipeline.models import WeightsNotFound
 from stages.filter import Filter, frame_similarity
 
@@ -168,6 +168,19 @@ def test_ffmpeg_decoder_returns_the_same_frames_as_decord(videos: dict[str, Path
     indices = uniform_indices(0, min(by_decord.frame_count, by_ffmpeg.frame_count), 16)
     for a, b in zip(by_decord.read(indices), by_ffmpeg.read(indices), strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_both_decoders_apply_a_display_rotation(videos: dict[str, Path], tmp_path: Path, degrees: int) -> None:
+    """Phones store portrait video as landscape plus a rotation flag: filter and features (decord or
+    the ffmpeg fallback) must see the picture as displayed, as beats does (ffmpeg)."""
+    rotated = synth.make_rotated(videos["moving"], tmp_path / f"rotated{degrees}.mp4", degrees)
+    upright = FrameReader(videos["moving"], decoder="decord").read([5])[0]
+    turn = probe(rotated).rotation  # ffprobe's display-matrix rotation: degrees counterclockwise
+    assert turn % 360 == degrees % 360 or (-turn) % 360 == degrees % 360
+    displayed = np.rot90(upright, k=turn // 90)
+    for decoder in ("decord", "ffmpeg"):
+        assert np.array_equal(FrameReader(rotated, decoder=decoder).read([5])[0], displayed), decoder
 
 
 # ---------------------------------------------------------------- decisions (pixels embedder)
