@@ -253,6 +253,8 @@ class TarShardWriter:
             self._stop()
             if self.error:
                 raise self.error
+            if self.written_bytes != self.sent_bytes:  # the writer thread died without a word
+                raise OSError(errno.EIO, f"{self.path.name}: {self.written_bytes} of {self.sent_bytes} bytes written")
             if self.durable:
                 os.fsync(self.fd)
         except BaseException:
@@ -319,7 +321,12 @@ class TarShardWriter:
                 self.free.put(buffer)
                 continue
             batch = memoryview(buffer)[:length]
-            hashing = self.hasher.submit(self.sha.update, batch)  # one hasher thread: in order
+            try:
+                hashing = self.hasher.submit(self.sha.update, batch)  # one hasher thread: in order
+            except BaseException as e:  # noqa: BLE001 - e.g. interpreter shutdown: handed to the producer
+                self.error = e
+                self.free.put(buffer)
+                continue
             try:
                 self._write(batch)
             except Exception as e:  # noqa: BLE001 - handed to the producer, which raises it

@@ -233,27 +233,33 @@ def artifact(row: Row, column: str, dtype: str) -> FileMember | bytes:
         raise ShardError(f"unreadable_artifact: {column} {row.get(column)!r} ({e.strerror or e})") from e
 
 
-BEAT_ARRAYS = {"music_beats": np.int8, "video_beats": np.int8, "beat_weights": np.float32}
 # Beat lists arrive as Python lists (rows cross Ray as JSON). struct packs 500 of them in ~6 µs,
 # numpy's list conversion takes ~14; struct also refuses out-of-range ints and non-integer flags.
-BEAT_PACKERS = {np.int8: struct.Struct(f"<{STEPS}b"), np.float32: struct.Struct(f"<{STEPS}f")}
+BEAT_ARRAYS = {  # member → (struct format of STEPS values, the .npy dtype they are read back as)
+    "music_beats": (struct.Struct(f"<{STEPS}b"), np.dtype("i1")),
+    "video_beats": (struct.Struct(f"<{STEPS}b"), np.dtype("i1")),
+    "beat_weights": (struct.Struct(f"<{STEPS}f"), np.dtype("<f4")),
+}
 
 
 def beat_arrays(row: Row) -> dict[str, np.ndarray]:
     arrays = {}
-    for name, dtype in BEAT_ARRAYS.items():
+    for name, (packer, dtype) in BEAT_ARRAYS.items():
         values = row.get(name)
+        if isinstance(values, np.ndarray):  # rows that crossed Ray with array columns: same checks
+            shape, values = values.shape, values.tolist()
+        elif isinstance(values, list | tuple):
+            shape = (len(values),)
+        else:
+            raise ShardError(f"missing_beats: no {name} ({type(values).__name__}), expected {STEPS} values")
+        if shape != (STEPS,):
+            raise ShardError(f"missing_beats: {name} has shape {shape}, expected ({STEPS},)")
         try:
-            if isinstance(values, list | tuple) and len(values) == STEPS:  # the common case: JSON lists
-                arrays[name] = np.frombuffer(BEAT_PACKERS[dtype].pack(*values), dtype)
-                continue
-            if isinstance(values, np.ndarray) and values.shape == (STEPS,):  # rows that crossed Ray as arrays
-                arrays[name] = values.astype(dtype, casting="same_kind")
-                continue
-        except (struct.error, TypeError) as e:
-            raise ShardError(f"bad_beats: {name} holds a value that is not {np.dtype(dtype).name} ({e})") from e
-        shape = np.shape(values) if isinstance(values, np.ndarray | list | tuple) else "none"
-        raise ShardError(f"missing_beats: {name} has shape {shape}, expected ({STEPS},)")
+            arrays[name] = np.frombuffer(packer.pack(*values), dtype)
+        except (struct.error, TypeError, OverflowError, ValueError) as e:
+            raise ShardError(f"bad_beats: {name} holds a value that is not {dtype.name} ({e})") from e
+        if dtype.kind == "f" and not np.isfinite(arrays[name]).all():
+            raise ShardError(f"bad_beats: {name} holds NaN or infinity")
     return arrays
 
 

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -168,24 +169,33 @@ def test_unsafe_or_incomplete_rows_fail_without_stopping_others(tmp_path: Path):
 
 
 def test_rows_with_bad_beat_arrays_fail_with_the_reason_and_the_rest_are_written(tmp_path: Path):
-    rows = clip_rows(tmp_path / "art", videos=2)
+    rows = clip_rows(tmp_path / "art", videos=4)
     rows[0]["music_beats"] = rows[0]["music_beats"][:-1]
     rows[1]["video_beats"] = [300] + rows[1]["video_beats"][1:]  # not an int8
     rows[2]["video_beats"] = [0.5] + rows[2]["video_beats"][1:]  # a flag that is not an integer
     rows[3]["beat_weights"] = None
     rows[4]["beat_weights"] = ["x"] + rows[4]["beat_weights"][1:]
+    rows[5]["beat_weights"] = [1e40] + rows[5]["beat_weights"][1:]  # beyond float32
+    rows[6]["beat_weights"] = [float("nan")] + rows[6]["beat_weights"][1:]
+    rows[7]["music_beats"] = [[1, 2], 3]  # ragged
+    rows[8]["video_beats"] = np.full(500, 300)  # an array column: the same checks as a list
+    rows[9]["music_beats"] = np.asarray(rows[9]["music_beats"], dtype=np.int64)  # fine: values fit int8
     results = {r.key: r for r in make_stage(tmp_path).process(rows)}
-    reasons = [results[row["key"]].reason.split(":")[0] for row in rows[:5]]
-    assert reasons == ["missing_beats", "bad_beats", "bad_beats", "missing_beats", "bad_beats"]
-    assert [results[row["key"]].status for row in rows[5:]] == ["ok"]
+    reasons = [results[row["key"]].reason.split(":")[0] for row in rows[:9]]
+    assert reasons == ["missing_beats", "bad_beats", "bad_beats", "missing_beats", "bad_beats", "bad_beats",
+                       "bad_beats", "missing_beats", "bad_beats"]
+    assert [results[row["key"]].status for row in rows[9:]] == ["ok"] * 3
     shards = read_shards(tmp_path / "shards")
-    assert [k for info in shards.values() for k in info.keys] == [rows[5]["key"]]
+    assert sorted(k for info in shards.values() for k in info.keys) == [row["key"] for row in rows[9:]]
     import webdataset as wds
 
-    [sample] = list(wds.WebDataset([str(p) for p in (tmp_path / "shards").glob("*.tar")], shardshuffle=False).decode())
-    assert sample["music_beats.npy"].dtype == np.int8 and sample["beat_weights.npy"].dtype == np.float32
-    assert np.array_equal(sample["music_beats.npy"], rows[5]["music_beats"])
-    assert np.array_equal(sample["beat_weights.npy"], rows[5]["beat_weights"])
+    urls = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    samples = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
+    for row in rows[9:]:
+        sample = samples[row["key"]]
+        assert sample["music_beats.npy"].dtype == np.int8 and sample["beat_weights.npy"].dtype == np.float32
+        assert np.array_equal(sample["music_beats.npy"], row["music_beats"])
+        assert np.array_equal(sample["beat_weights.npy"], row["beat_weights"])
 
 
 KILLED_WRITER = """
@@ -316,6 +326,31 @@ def test_a_finished_writer_refuses_writes_and_keeps_its_file(tmp_path: Path):
     assert not (tmp_path / "aborted.tar").exists()
 
 
+def test_a_slow_hash_never_sees_a_reused_buffer(tmp_path: Path):
+    """The writer thread goes on while a batch is still being hashed: its buffer must not be laid
+    out again before the hash is done, or the sha256 would cover other bytes."""
+    class SlowHash:
+        def __init__(self) -> None:
+            self.sha = hashlib.sha256()
+
+        def update(self, data: memoryview) -> None:
+            time.sleep(0.005)
+            self.sha.update(data)
+
+        def hexdigest(self) -> str:
+            return self.sha.hexdigest()
+
+    rng = np.random.default_rng(3)
+    samples = [{"__key__": f"k{i:03d}", "flac": rng.bytes(int(rng.integers(1, 40_000))), "json": b"{}"}
+               for i in range(120)]
+    writer = TarShardWriter(tmp_path / "slow.tar")
+    writer.BATCH_BYTES = 32 << 10
+    writer.sha = SlowHash()
+    for sample in samples:
+        writer.write(sample)
+    assert_written_as_tarwriter_would(tmp_path / "slow.tar", writer.close(), samples)
+
+
 def test_a_hashing_error_fails_the_shard_instead_of_a_wrong_sha256(tmp_path: Path):
     class BrokenHash:
         def update(self, data: memoryview) -> None:
@@ -329,6 +364,22 @@ def test_a_hashing_error_fails_the_shard_instead_of_a_wrong_sha256(tmp_path: Pat
             writer.write({"__key__": f"k{i}", "flac": b"x" * (20 << 10)})
         writer.close()
     assert not (tmp_path / "broken.tar").exists()
+
+
+def test_a_hasher_that_refuses_work_fails_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """As at interpreter shutdown: the writer thread must report it, not die and leave a short shard."""
+    writer = TarShardWriter(tmp_path / "refused.tar")
+    writer.BATCH_BYTES = 64 << 10
+
+    def refuse(*_: Any) -> None:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(writer.hasher, "submit", refuse)
+    with pytest.raises(RuntimeError, match="interpreter shutdown"), writer:
+        for i in range(40):
+            writer.write({"__key__": f"k{i}", "flac": b"x" * (20 << 10)})
+        writer.close()
+    assert not (tmp_path / "refused.tar").exists()
 
 
 @pytest.mark.parametrize("length", [1, 99, 100, 101, 150])
