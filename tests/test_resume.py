@@ -32,7 +32,7 @@ def kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        pass  # the group had already exited with its driver: nothing left to kill
 
 
 def wait_until_quiet(server, quiet_s: float = 2.0, limit_s: float = 60.0) -> Counter:

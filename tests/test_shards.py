@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -351,35 +352,30 @@ def test_a_slow_hash_never_sees_a_reused_buffer(tmp_path: Path):
     assert_written_as_tarwriter_would(tmp_path / "slow.tar", writer.close(), samples)
 
 
-def test_a_hashing_error_fails_the_shard_instead_of_a_wrong_sha256(tmp_path: Path):
-    class BrokenHash:
-        def update(self, data: memoryview) -> None:
-            raise MemoryError("hash died")
+class BrokenHash:
+    def update(self, data: memoryview) -> None:
+        raise MemoryError("hash died")
 
+
+def refuse_work(*_: Any) -> None:
+    raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+
+@pytest.mark.parametrize(("attribute", "broken", "error", "message"), [
+    ("sha", lambda writer: BrokenHash(), MemoryError, "hash died"),  # no shard with a wrong sha256
+    # as at interpreter shutdown: the writer thread must report it, not die and leave a short shard
+    ("hasher", lambda writer: SimpleNamespace(submit=refuse_work, shutdown=writer.hasher.shutdown),
+     RuntimeError, "interpreter shutdown"),
+])
+def test_a_failing_hash_fails_the_shard(tmp_path: Path, attribute: str, broken: Any, error: type, message: str):
     writer = TarShardWriter(tmp_path / "broken.tar")
     writer.BATCH_BYTES = 64 << 10
-    writer.sha = BrokenHash()
-    with pytest.raises(MemoryError, match="hash died"), writer:  # as the stage uses it: aborted on error
+    setattr(writer, attribute, broken(writer))
+    with pytest.raises(error, match=message), writer:  # as the stage uses it: aborted on error
         for i in range(40):  # several batches: raised by a later write or by close
             writer.write({"__key__": f"k{i}", "flac": b"x" * (20 << 10)})
         writer.close()
     assert not (tmp_path / "broken.tar").exists()
-
-
-def test_a_hasher_that_refuses_work_fails_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """As at interpreter shutdown: the writer thread must report it, not die and leave a short shard."""
-    writer = TarShardWriter(tmp_path / "refused.tar")
-    writer.BATCH_BYTES = 64 << 10
-
-    def refuse(*_: Any) -> None:
-        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-
-    monkeypatch.setattr(writer.hasher, "submit", refuse)
-    with pytest.raises(RuntimeError, match="interpreter shutdown"), writer:
-        for i in range(40):
-            writer.write({"__key__": f"k{i}", "flac": b"x" * (20 << 10)})
-        writer.close()
-    assert not (tmp_path / "refused.tar").exists()
 
 
 @pytest.mark.parametrize("length", [1, 99, 100, 101, 150])
