@@ -10,7 +10,7 @@ are the demo's (DEMO_SETTINGS, real Demucs/EnCodec/Hiera architectures with rand
 `--fast` swaps in the small test models (separate random_init=tiny8k, tokens model=encodec_32khz_test, features
 model=hiera_test_16x224).
 
-- pipeline: `python -m pipeline.cli run -c CONFIG` in a fresh process (embedded Ray: start-up, actors,
+- pipeline: `python -m pipeline.tools.cli run -c CONFIG` in a fresh process (embedded Ray: start-up, actors,
   manifests, status table, all counted);
 - plain loop: a fresh process that builds every stage, calls setup() once each, then for each input
   row calls process([row]) stage after stage (per clip after the fan-out), no Ray, no manifests.
@@ -43,7 +43,7 @@ def write_run_config(folder: Path, inputs: list[str], fast: bool) -> Path:
     """The demo's config (roots under `folder`), with the small models when `fast`."""
     import yaml
 
-    from pipeline.demo import SMALL_MODELS, write_config
+    from pipeline.tools.demo import SMALL_MODELS, write_config
 
     folder.mkdir(parents=True, exist_ok=True)
     path = write_config(folder, inputs)
@@ -143,7 +143,7 @@ def pipeline_outcome(config_path: Path) -> dict[str, Any]:
 def shard_keys(config_path: Path) -> tuple[set[str], list[str]]:
     """Sample keys in the shards, and verify()'s faults."""
     from pipeline.config import load_config
-    from pipeline.shard_index import read_shards, verify
+    from pipeline.webds.index import read_shards, verify
 
     root = Path(load_config(config_path).run.shard_root)
     keys = {key for info in read_shards(root).values() for key in info.keys}
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(n_videos: int, fast: bool, work: Path) -> int:
-    from pipeline.demo import make_corpus, write_disco_parquet
-    from pipeline.localserver import LocalServer
+    from pipeline.tools.demo import make_corpus, write_disco_parquet
+    from pipeline.tools.localserver import LocalServer
 
     header = describe("at the start")
     entries = make_corpus(work / "source", n_videos)
@@ -177,7 +177,7 @@ def compare(n_videos: int, fast: bool, work: Path) -> int:
         inputs = [f"disco10m={parquet}"]
         ray_config = write_run_config(work / "pipeline", inputs, fast)
         loop_config = write_run_config(work / "loop", inputs, fast)
-        ray_s = timed_process([sys.executable, "-m", "pipeline.cli", "run", "-c", str(ray_config), "--no-progress"], env)
+        ray_s = timed_process([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(ray_config), "--no-progress"], env)
         loop_out = work / "loop" / "outcome.json"
         loop_s = timed_process([sys.executable, str(Path(__file__).resolve()), "--loop-config", str(loop_config),
                                 "--loop-out", str(loop_out)], env)

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import record  # noqa: E402
 
-from pipeline import synth  # noqa: E402
-from pipeline.demo import SMALL_MODELS  # noqa: E402
-from pipeline.localserver import LocalServer  # noqa: E402
+from pipeline.tools import synth  # noqa: E402
+from pipeline.tools.demo import SMALL_MODELS  # noqa: E402
+from pipeline.tools.localserver import LocalServer  # noqa: E402
 
 SETTINGS = {
     **SMALL_MODELS,
@@ -115,7 +115,7 @@ def main() -> int:
                   "ingest": {"inputs": [str(out / "urls.txt")]}, **SETTINGS}
         (out / "config.yaml").write_text(yaml.safe_dump(config))
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-c", str(out / "config.yaml"),
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(out / "config.yaml"),
                                  "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sampler = Sampler(proc.pid)
         sampler.start()

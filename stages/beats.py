@@ -47,8 +47,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import MediaError, run_tool
-from pipeline.models import RANDOM_INIT, Weights, models_root, pick_device, resolve
+from pipeline.media.probe import MediaError, run_tool
+from pipeline.models.weights import RANDOM_INIT, Weights, models_root, pick_device, resolve
 from pipeline.stage import MissingDependency, Resources, Result, Row, Stage
 
 FLOW_METHODS = ("farneback", "raft_small", "raft_large")

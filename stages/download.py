@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import MediaError, check_tail_decodes, probe
+from pipeline.media.probe import MediaError, check_tail_decodes, probe
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")

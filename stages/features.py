@@ -33,8 +33,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import DECODERS, FrameReader, MediaError, save_npy_atomic
-from pipeline.models import Weights, models_root, pick_device, resolve
+from pipeline.media.files import save_npy_atomic
+from pipeline.media.frames import DECODERS, FrameReader
+from pipeline.media.probe import MediaError
+from pipeline.models.weights import Weights, models_root, pick_device, resolve
 from pipeline.stage import Resources, Result, Row, Stage
 from stages.tokens import check_window, pick_precision
 

@@ -33,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import DECODERS, FrameReader, MediaError, uniform_indices
-from pipeline.models import Weights, models_root, resolve
+from pipeline.media.frames import DECODERS, FrameReader, uniform_indices
+from pipeline.media.probe import MediaError
+from pipeline.models.weights import Weights, models_root, resolve
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")

@@ -51,8 +51,9 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import MediaError, stream_audio, write_resampled_flac
-from pipeline.models import RANDOM_INIT, models_root, pick_device, resolve, sha256_file
+from pipeline.media.audio import stream_audio, write_resampled_flac
+from pipeline.media.probe import MediaError
+from pipeline.models.weights import RANDOM_INIT, models_root, pick_device, resolve, sha256_file
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")

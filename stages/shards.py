@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.shard_index import (
+from pipeline.stage import Resources, Result, Row, Stage
+from pipeline.webds.index import (
     FileMember,
     ShardError,
     ShardInfo,
@@ -42,7 +43,6 @@ from pipeline.shard_index import (
     write_index,
     write_sidecar,
 )
-from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
 STEPS = 500

@@ -26,8 +26,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, option
-from pipeline.media import MediaError, read_audio_window, save_npy_atomic
-from pipeline.models import Weights, models_root, pick_device, resolve
+from pipeline.media.audio import read_audio_window
+from pipeline.media.files import save_npy_atomic
+from pipeline.media.probe import MediaError
+from pipeline.models.weights import Weights, models_root, pick_device, resolve
 from pipeline.stage import Resources, Result, Row, Stage
 
 SAMPLE_RATE = 32000

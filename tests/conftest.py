@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import synth
 from pipeline.config import Config, load_config_dict
-from pipeline.localserver import LocalServer
+from pipeline.tools import synth
+from pipeline.tools.localserver import LocalServer
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config, write_lines
 
-from pipeline import audit
-from pipeline.cli import main
 from pipeline.manifest import ManifestStore
 from pipeline.runner import run_stage
+from pipeline.tools import audit
+from pipeline.tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ class _Balance(HTMLParser):
 
 
 def test_html_report_is_valid_and_holds_each_plot(run, tmp_path: Path):
-    from pipeline import report
+    from pipeline.tools import report
 
     _, store = run
     path = report.write_html(audit.audit_table(store), tmp_path / "report.html", threshold=0.7)
@@ -121,7 +121,7 @@ def test_html_report_is_valid_and_holds_each_plot(run, tmp_path: Path):
 
 
 def test_dataset_card(run, tmp_path: Path):
-    from pipeline import report
+    from pipeline.tools import report
 
     _, store = run
     card = report.write_card(audit.audit_table(store), tmp_path / "card.md").read_text()
@@ -131,7 +131,7 @@ def test_dataset_card(run, tmp_path: Path):
 
 
 def test_report_renders_in_headless_chromium(run, tmp_path: Path):
-    from pipeline import report
+    from pipeline.tools import report
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

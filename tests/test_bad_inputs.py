@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config
 
-from pipeline import synth
 from pipeline.config import ConfigError, load_config
-from pipeline.localserver import LocalServer
 from pipeline.manifest import ManifestStore
 from pipeline.runner import StageWorker, run_stage
+from pipeline.tools import synth
+from pipeline.tools.localserver import LocalServer
 from stages import STAGES
 from stages.ingest import InputError
 
@@ -414,7 +414,7 @@ def test_features_resize_4k_frames_as_they_are_decoded(tmp_path: Path, media: di
 def test_features_pick_vfr_frames_by_timestamp(tmp_path: Path, media: dict[str, Path]) -> None:
     """25 fps for 2 s, then 5 fps: the frame on screen at 5 s is frame 50 + 3 × 5 = 65, where
     5 s × the average rate (8.4 fps) would give frame 42, shown at 1.68 s."""
-    from pipeline.media import FrameReader
+    from pipeline.media.frames import FrameReader
     from stages.features import resize_frame
 
     reader = FrameReader(media["vfr"])
@@ -483,7 +483,7 @@ def test_ten_hour_static_video_takes_bounded_time_and_memory(media: dict[str, Pa
 def test_separate_refuses_a_too_long_track_before_decoding_it(tmp_path: Path, media: dict[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import stages.separate
-    from pipeline.media import MediaError
+    from pipeline.media.probe import MediaError
 
     decoded = []
 

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import synth
 from pipeline.config import ConfigError, RunConfig
 from pipeline.manifest import ManifestStore, full_schema
 from pipeline.runner import StageWorker
+from pipeline.tools import synth
 from stages import STAGES
 from stages.beats import (
     Beats,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.tools.cli import main
 from stages import STAGES
 
 
@@ -51,7 +51,7 @@ def test_run_checks_every_stage_before_any_work(tmp_path: Path, capsys):
 
 def test_demo_runs_offline_end_to_end(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
+        [sys.executable, "-m", "pipeline.tools.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
         capture_output=True, timeout=600,
     )
     out = proc.stdout.decode() + proc.stderr.decode()
@@ -62,7 +62,7 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path):
                  "dropped: static", "shards: processed", "checked against the manifest: OK"):
         assert line in out, line
     assert list((demo / "shards").glob("train-*.tar")) and (demo / "runs" / "tiny" / "log.csv").is_file()
-    from pipeline.report import PLOTS
+    from pipeline.tools.report import PLOTS
 
     report = (demo / "report.html").read_text()  # a full run: every plot has data, none is a placeholder
     for plot in PLOTS:
@@ -70,7 +70,7 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path):
     assert "No data yet" not in report and 'alt="frames of ' in report
     assert "random-init" in (demo / "DATASET_CARD.md").read_text()
     rerun = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
+        [sys.executable, "-m", "pipeline.tools.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
         capture_output=True, timeout=600,
     )
     again = rerun.stdout.decode() + rerun.stderr.decode()

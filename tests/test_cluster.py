@@ -9,9 +9,9 @@ from pathlib import Path
 import yaml
 from conftest import write_lines
 
-from pipeline import synth
-from pipeline.demo import SMALL_MODELS
 from pipeline.manifest import ManifestStore
+from pipeline.tools import synth
+from pipeline.tools.demo import SMALL_MODELS
 from stages import STAGES
 
 CLUSTER = """
@@ -23,7 +23,7 @@ cluster.wait_for_nodes()
 with open(sys.argv[2], "w") as f:
     json.dump([node.node_id for node in cluster.list_all_nodes()], f)
 env = dict(os.environ, RAY_ADDRESS=cluster.address)
-code = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-c", sys.argv[1], "--no-progress"],
+code = subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", sys.argv[1], "--no-progress"],
                       env=env).returncode
 cluster.shutdown()
 sys.exit(code)

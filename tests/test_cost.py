@@ -3,8 +3,8 @@ from pathlib import Path
 
 from conftest import make_config
 
-from pipeline.cost import estimate
 from pipeline.manifest import ManifestStore, full_schema
+from pipeline.tools.cost import estimate
 from stages import STAGES
 
 

@@ -25,12 +25,12 @@ import soundfile as sf
 import yaml
 from test_resume import kill_group
 
-from pipeline import synth
-from pipeline.audit import audit_table
-from pipeline.demo import SMALL_MODELS
-from pipeline.localserver import LocalServer
 from pipeline.manifest import ManifestStore
-from pipeline.shard_index import read_shards
+from pipeline.tools import synth
+from pipeline.tools.audit import audit_table
+from pipeline.tools.demo import SMALL_MODELS
+from pipeline.tools.localserver import LocalServer
+from pipeline.webds.index import read_shards
 
 N = int(os.environ.get("CRASH_N", "100"))
 SEEDS = [int(s) for s in os.environ.get("CRASH_SEEDS", "1,2,3").split(",")]
@@ -78,7 +78,7 @@ def write_config(folder: Path, urls: list[str]) -> Path:
 
 
 def discomv(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", *args, "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -111,7 +111,7 @@ def outcome(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
         for row in store.latest(stage).to_pylist():
             if row["status"] == "ok" and row.get(column):
                 read(row[column])
-    verify = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", "-c", str(folder / "config.yaml")],
+    verify = subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "verify", "-c", str(folder / "config.yaml")],
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-2000:]
     return terminal, sharded

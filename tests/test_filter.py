@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import synth
 from pipeline.config import load_config_dict
-from pipeline.media import FrameReader, probe, uniform_indices
-from pipeline.models import WeightsNotFound
+from pipeline.media.frames import FrameReader, uniform_indices
+from pipeline.media.probe import probe
+from pipeline.models.weights import WeightsNotFound
+from pipeline.tools import synth
 from stages.filter import Filter, frame_similarity
 
 SIZE = "160x120"
@@ -506,9 +507,9 @@ def test_prepared_rows_give_the_same_results_as_direct_calls(pixels_stage: Filte
 
 
 def test_filter_runs_after_ingest_and_download_through_the_runner(tmp_path: Path, videos: dict[str, Path]) -> None:
-    from pipeline.localserver import LocalServer
     from pipeline.manifest import ManifestStore
     from pipeline.runner import ensure_ray, run_stage
+    from pipeline.tools.localserver import LocalServer
 
     ensure_ray(2)
     names = ("moving", "still", "slideshow")

@@ -20,7 +20,7 @@ N = 60
 
 def discomv(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args, "--no-progress"],
+        [sys.executable, "-m", "pipeline.tools.cli", *args, "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw,
     )
 
@@ -59,7 +59,7 @@ def test_kill_during_download_then_resume(tmp_path: Path, media_dir: Path, serve
         "ingest": {"inputs": [urls]},
         "download": {"allow_private_hosts": True, "concurrency": 2},
     }))
-    assert subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", "-c", str(config), "--no-progress"],
+    assert subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "ingest", "-c", str(config), "--no-progress"],
                           capture_output=True).returncode == 0
     store = ManifestStore(tmp_path / "m")
 

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import synth
 from pipeline.config import ConfigError, load_config_dict
 from pipeline.manifest import ManifestStore, full_schema
 from pipeline.runner import pack_row, prepare_safely, run_stage, unpack_rows
 from pipeline.stage import Result, Row, Stage
+from pipeline.tools import synth
 from stages import STAGES
 from stages.filter import Filter
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from pipeline import synth
+from pipeline.tools import synth
 from stages.separate import (
     Separate,
     SeparateConfig,
@@ -70,7 +70,7 @@ def row(key: str, path: Path) -> dict[str, Any]:
 
 def decode(path: Path, rate: int) -> np.ndarray:
     """(frames, 2) float32, decoded as the stage decodes."""
-    from pipeline.media import stream_audio
+    from pipeline.media.audio import stream_audio
 
     return np.concatenate(list(stream_audio(path, rate, 2)))
 

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import shard_index
 from pipeline.config import RunConfig
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.shard_index import FileMember, TarShardWriter, member_header, read_shards, verify
-from pipeline.takedown import mark_in_manifests, remove_from_shards
+from pipeline.webds import index as shard_index
+from pipeline.webds.index import FileMember, TarShardWriter, member_header, read_shards, verify
+from pipeline.webds.takedown import mark_in_manifests, remove_from_shards
 from stages.shards import Shards, ShardsConfig
 
 ARTISTS = ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"]

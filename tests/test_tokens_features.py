@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import synth
 from pipeline.config import ConfigError, RunConfig
-from pipeline.media import window_frame_indices
-from pipeline.models import WeightsNotFound
+from pipeline.media.frames import window_frame_indices
+from pipeline.models.weights import WeightsNotFound
 from pipeline.stage import Result
+from pipeline.tools import synth
 from stages.features import (
     ARCHITECTURES as HIERA_ARCHITECTURES,
 )

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import synth
-from pipeline.localserver import LocalServer
+from pipeline.tools import synth
+from pipeline.tools.localserver import LocalServer
 
 log = logging.getLogger("discomv")
 DEMO_PORT = 18765
@@ -109,7 +109,7 @@ def write_config(work: Path, inputs: list[str]) -> Path:
 def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> int:
     from pipeline.config import load_config
     from pipeline.runner import run_stage
-    from pipeline.summary import print_status
+    from pipeline.tools.summary import print_status
     from stages import STAGES
 
     work = Path(out).resolve()
@@ -131,7 +131,7 @@ def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> int:
 
 def finish_demo(work: Path, config_path: Path) -> int:
     """After the stages: verify the shards, a short training run on them, the audit report."""
-    from pipeline.cli import main
+    from pipeline.tools.cli import main
 
     code = main(["verify", "-c", str(config_path)])
     runs = work / "runs" / "tiny"

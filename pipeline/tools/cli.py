@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from pipeline.models import WeightsNotFound
+        from pipeline.models.weights import WeightsNotFound
         from pipeline.stage import MissingDependency
         from stages.ingest import InputError
 
@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.runner import run_stage
-    from pipeline.summary import print_status
+    from pipeline.tools.summary import print_status
     from stages import STAGES
 
     if args.command == "demo":
-        from pipeline.demo import run_demo
+        from pipeline.tools.demo import run_demo
 
         return run_demo(args.out, n_videos=args.videos, progress=not args.no_progress)
     cfg = load_config(args.config, args.overrides)
@@ -150,7 +150,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name}: {parts} part files → 1 ({rows} rows)")
         return 0
     if args.command == "cost":
-        from pipeline.cost import estimate, print_cost
+        from pipeline.tools.cost import estimate, print_cost
 
         print_cost(estimate(cfg, args.candidate_hours))
         return 0
@@ -170,8 +170,8 @@ def run_audit(args: argparse.Namespace, cfg) -> int:
 
     from rich.console import Console
 
-    from pipeline import audit
     from pipeline.manifest import ManifestStore
+    from pipeline.tools import audit
 
     store = ManifestStore(cfg.run.manifest_root)
     if args.sql:
@@ -194,7 +194,7 @@ def run_audit(args: argparse.Namespace, cfg) -> int:
         return 0
     table = audit.print_audit(store, Path(args.out) if args.out else store.root / "audit.parquet")
     if table is not None and (args.html or args.card):
-        from pipeline import report
+        from pipeline.tools import report
 
         if args.html:
             threshold = getattr(cfg.stages.get("filter"), "threshold", None)
@@ -209,7 +209,7 @@ def run_verify(cfg) -> int:
     from pathlib import Path
 
     from pipeline.manifest import ManifestStore
-    from pipeline.shard_index import verify
+    from pipeline.webds.index import verify
 
     store = ManifestStore(cfg.run.manifest_root)
     sharded = set(store.ok_keys("shards")) if store.latest("shards") is not None else None
@@ -226,7 +226,7 @@ def run_takedown(cfg, keys: list[str], key_file: str | None) -> int:
     from pathlib import Path
 
     from pipeline.manifest import ManifestStore
-    from pipeline.takedown import mark_in_manifests, remove_from_shards
+    from pipeline.webds.takedown import mark_in_manifests, remove_from_shards
     from stages import STAGES
 
     wanted = set(keys) | (set(Path(key_file).read_text().split()) if key_file else set())
@@ -243,7 +243,7 @@ def run_takedown(cfg, keys: list[str], key_file: str | None) -> int:
 
 
 def fetch_all_weights(cfg) -> int:
-    from pipeline.models import models_root, pin
+    from pipeline.models.weights import models_root, pin
     from stages import STAGES
 
     root = models_root(cfg.run.models_root)

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.manifest import ManifestStore
-from pipeline.shard_index import (
+from pipeline.webds.index import (
     TarShardWriter,
     read_shards,
     sidecar_path,

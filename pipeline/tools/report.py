@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.audit import summarize
+from pipeline.tools.audit import summarize
 
 PAPER = {"similarity_input": 0.91, "similarity_kept": 0.61, "vocal_success": 0.95, "keep_rate": 2.2 / 15.3}
 

@@ -1,0 +1,1 @@
+"""Entry points and commands: cli, audit, report, summary, cost, demo (+ its synthetic media and server)."""
