@@ -36,9 +36,10 @@ from pipeline.config import ConfigError, option
 from pipeline.media.files import save_npy_atomic
 from pipeline.media.frames import DECODERS, FrameReader
 from pipeline.media.probe import MediaError
+from pipeline.models.precision import pick_precision
 from pipeline.models.weights import Weights, models_root, pick_device, resolve
 from pipeline.stage import Resources, Result, Row, Stage
-from stages.tokens import check_window, pick_precision
+from pipeline.timeline import check_window
 
 WINDOW_FRAMES = 16  # Hiera video models see 16-frame windows
 TEMPORAL_STRIDE = 2  # their patch embedding halves time: 8 steps per window

@@ -35,6 +35,7 @@ import pyarrow as pa
 from pipeline.config import ConfigError, option
 from pipeline.media.frames import DECODERS, FrameReader, uniform_indices
 from pipeline.media.probe import MediaError
+from pipeline.models.precision import choose_precision, native_bf16
 from pipeline.models.weights import Weights, models_root, resolve
 from pipeline.stage import Resources, Result, Row, Stage
 
@@ -403,27 +404,6 @@ def check_config(c: FilterConfig) -> None:
         raise ConfigError(
             f"filter.early_drop_frames must be 0 or between 2 and filter.frames-1, got {c.early_drop_frames}"
         )
-
-
-def choose_precision(requested: str, native_bf16: bool) -> str:
-    """`auto` is bf16 only where the hardware computes it natively: emulated bf16 on an older CPU
-    is slower than fp32, not faster."""
-    if requested != "auto":
-        return requested
-    return "bf16" if native_bf16 else "fp32"
-
-
-def native_bf16(device: str) -> bool:
-    """CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX that oneDNN runs bf16 on."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    has_instructions = any(
-        getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
-    return has_instructions and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def check_length(reader: FrameReader, min_duration_s: float) -> None:

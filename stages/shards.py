@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, option
 from pipeline.stage import Resources, Result, Row, Stage
+from pipeline.timeline import STEPS
 from pipeline.webds.index import (
     FileMember,
     ShardError,
@@ -45,7 +46,6 @@ from pipeline.webds.index import (
 )
 
 log = logging.getLogger("discomv")
-STEPS = 500
 Sample = dict[str, Any]  # member extension → bytes or FileMember, plus `__key__`
 
 

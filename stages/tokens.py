@@ -29,8 +29,10 @@ from pipeline.config import ConfigError, option
 from pipeline.media.audio import read_audio_window
 from pipeline.media.files import save_npy_atomic
 from pipeline.media.probe import MediaError
+from pipeline.models.precision import pick_precision
 from pipeline.models.weights import Weights, models_root, pick_device, resolve
 from pipeline.stage import Resources, Result, Row, Stage
+from pipeline.timeline import check_window
 
 SAMPLE_RATE = 32000
 CODEBOOKS = 4
@@ -193,24 +195,6 @@ def check_config(c: TokensConfig) -> None:
         raise ConfigError(f"config key 'tokens.precision' must be fp32, bf16 or auto, got {c.precision!r}")
     if abs(c.clip_s * FRAME_RATE - round(c.clip_s * FRAME_RATE)) > 1e-9 or c.clip_s <= 0:
         raise ConfigError(f"config key 'tokens.clip_s' must be a positive multiple of 20 ms, got {c.clip_s}")
-
-
-def check_window(row: Row, clip_s: float) -> str | None:
-    """A reason when the row's window is not one clip of `clip_s` seconds (clips.clip_s differs)."""
-    try:
-        start, end = float(row["start_s"]), float(row["end_s"])
-    except (KeyError, TypeError, ValueError):
-        return "bad_window: the row has no start_s/end_s (run the clips stage)"
-    if abs((end - start) - clip_s) > 1e-3:
-        return f"bad_window: clip is {end - start:g}s but clip_s is {clip_s:g}s (set clips.clip_s to match)"
-    return None
-
-
-
-def pick_precision(precision: str, device_type: str) -> str:
-    if precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    return precision
 
 
 # ---------------------------------------------------------------- the codec

@@ -338,7 +338,7 @@ def test_large_frames_are_shrunk_at_decode_without_changing_clip_embeddings(clip
 def test_precision_auto_is_bf16_only_on_native_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from stages.filter import choose_precision, native_bf16
+    from pipeline.models.precision import choose_precision, native_bf16
 
     assert choose_precision("auto", native_bf16=True) == "bf16"
     assert choose_precision("auto", native_bf16=False) == "fp32"
