@@ -60,8 +60,7 @@ def write_run_config(folder: Path, inputs: list[str], fast: bool) -> Path:
 
 def plain_loop(config_path: Path) -> dict[str, Any]:
     """Every stage built and set up once, then one input row at a time through process([row])."""
-    from pipeline.config import load_config
-    from stages import STAGES
+    from stages import STAGES, load_config
 
     cfg = load_config(config_path)
     stages = {name: cls(cfg.stage(name), cfg.run) for name, cls in STAGES.items()}
@@ -125,9 +124,8 @@ def timed_process(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def pipeline_outcome(config_path: Path) -> dict[str, Any]:
-    from pipeline.config import load_config
     from pipeline.manifest import ManifestStore
-    from stages import STAGES
+    from stages import STAGES, load_config
 
     cfg = load_config(config_path)
     store = ManifestStore(cfg.run.manifest_root)
@@ -142,8 +140,8 @@ def pipeline_outcome(config_path: Path) -> dict[str, Any]:
 
 def shard_keys(config_path: Path) -> tuple[set[str], list[str]]:
     """Sample keys in the shards, and verify()'s faults."""
-    from pipeline.config import load_config
     from pipeline.webds.index import read_shards, verify
+    from stages import load_config
 
     root = Path(load_config(config_path).run.shard_root)
     keys = {key for info in read_shards(root).values() for key in info.keys}

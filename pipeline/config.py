@@ -1,5 +1,7 @@
-"""Config: one dataclass per stage (declared in the stage module) + `run`, loaded from YAML and
-`--set a.b=c` overrides. Unknown or ill-typed keys fail fast, naming the key."""
+"""Config: one options dataclass per stage (declared in the stage module) + `run`, loaded from YAML and
+`--set a.b=c` overrides. Unknown or ill-typed keys, values outside an option's choices and options that
+disagree with the key they restate fail fast, naming the key. The stage registry is passed in: the
+spine never imports stages/."""
 
 from __future__ import annotations
 
@@ -7,44 +9,24 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.options import ConfigError, RunConfig, field_meta, option
 
-class ConfigError(ValueError):
-    pass
-
-
-def option(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its help text (shown by `discomv <stage> --help`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-@dataclass
-class RunConfig:
-    manifest_root: str = option("manifests", "where stage manifests (Parquet part files) go")
-    media_root: str = option("media", "where downloaded and derived media go")
-    shard_root: str = option("shards", "where WebDataset shards go")
-    models_root: str = option("models", "local weights folder (also $DISCOMV_MODELS)")
-    weights: str = option(
-        "pretrained",
-        "pretrained: real weights (local folder, cache, or download) | "
-        "random: same architectures randomly initialised, outputs stamped weights=random-init",
-    )
-    flush_rows: int = option(16, "results appended to the manifest every N rows (durability unit)")
-    retry_failed: bool = option(False, "also redo rows whose last status is failed")
-    num_cpus: int | None = option(None, "CPUs for the embedded Ray (None = all)")
+__all__ = ["Config", "ConfigError", "RunConfig", "describe", "load_config", "load_config_dict", "option"]
+Registry = Mapping[str, type]  # stage name → Stage class (with its `Config` options dataclass)
 
 
 @dataclass
 class Config:
     run: RunConfig
     stages: dict[str, Any]
+    registry: Registry = field(default_factory=dict, repr=False, compare=False)
 
     def stage(self, name: str) -> Any:
         return self.stages[name]
@@ -55,13 +37,8 @@ class Config:
         return out
 
 
-def _sections() -> dict[str, type]:
-    from stages import STAGES
-
-    return {"run": RunConfig, **{name: cls.Config for name, cls in STAGES.items()}}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(registry: Registry, path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -72,17 +49,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config {path}: top level must be a mapping of sections")
     for item in overrides:
         _apply_override(raw, item)
-    return load_config_dict(raw)
+    return load_config_dict(registry, raw)
 
 
-def load_config_dict(raw: dict[str, Any]) -> Config:
-    sections = _sections()
+def load_config_dict(registry: Registry, raw: dict[str, Any]) -> Config:
+    sections = {"run": RunConfig, **{name: cls.Config for name, cls in registry.items()}}
     for name in raw:
         if name not in sections:
             raise ConfigError(f"unknown config section '{name}'{_hint(name, sections)}")
     built = {name: _build(name, cls, raw.get(name) or {}) for name, cls in sections.items()}
     run = built.pop("run")
-    return Config(run=run, stages=built)
+    _check_restated(built)
+    return Config(run=run, stages=built, registry=dict(registry))
+
+
+def load_section(name: str, cls: type, raw: dict[str, Any]) -> tuple[RunConfig, Any]:
+    """`run` and one stage's options from a config dict: what a worker needs to build its stage."""
+    return _build("run", RunConfig, raw.get("run") or {}), _build(name, cls, raw.get(name) or {})
+
+
+def _check_restated(sections: dict[str, Any]) -> None:
+    """An option that restates another section's key (`same_as`) must hold the same value."""
+    for section, options in sections.items():
+        for f in dataclasses.fields(options):
+            other = field_meta(type(options), f.name).get("same_as")
+            if not other:
+                continue
+            other_section, other_key = other.split(".", 1)
+            if other_section not in sections:
+                continue
+            mine, theirs = getattr(options, f.name), getattr(sections[other_section], other_key)
+            if mine != theirs:
+                raise ConfigError(
+                    f"config key '{section}.{f.name}' is {mine!r} but '{other}' is {theirs!r}: they "
+                    f"describe the same thing; set both (e.g. --set {section}.{f.name}={theirs!r})"
+                )
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -115,7 +116,16 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
         if key not in fields:
             raise ConfigError(f"unknown config key '{section}.{key}'{_hint(key, fields)}")
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+        _check_choice(f"{section}.{key}", kwargs[key], field_meta(cls, key).get("choices"))
     return cls(**kwargs)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...] | None) -> None:
+    if choices and value not in choices:
+        raise ConfigError(
+            f"config key '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            f"{_hint(str(value), [str(c) for c in choices])}"
+        )
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -167,5 +177,5 @@ def describe(cls: type) -> list[tuple[str, str, Any, str]]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         type_name = str(hints[f.name]).replace("typing.", "")
         type_name = getattr(hints[f.name], "__name__", type_name)
-        rows.append((f.name, type_name, default, f.metadata.get("help", "")))
+        rows.append((f.name, type_name, default, field_meta(cls, f.name).get("help", "")))
     return rows

@@ -8,21 +8,21 @@ re-run redoes only those.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import time
-import traceback
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from pipeline.config import Config, ConfigError
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
-from pipeline.stage import AUTO, STATUSES, Resources, Result, Row, SourceStage, Stage
+from pipeline.stage import AUTO, STATUSES, Resources, Row, SourceStage, Stage
+from pipeline.worker import StageWorker, prepare_in_task, process_in_task
 
 log = logging.getLogger("discomv")
 FLUSH_SECONDS = 3.0
@@ -56,27 +56,23 @@ def stage_params_hash(stage: Stage) -> str:
     return params_hash({"stage": stage.name, "version": stage.version, **stage.params()})
 
 
-def upstream_chain(stage_cls: type[Stage]) -> list[str]:
-    from stages import STAGES
-
+def upstream_chain(stage_cls: type[Stage], registry: Mapping[str, type[Stage]]) -> list[str]:
     chain: list[str] = []
     up = stage_cls.upstream
     while up:
         chain.insert(0, up)
-        up = STAGES[up].upstream
+        up = registry[up].upstream
     return chain
 
 
-def input_rows(stage: Stage, store: ManifestStore) -> list[Row]:
+def input_rows(stage: Stage, store: ManifestStore, registry: Mapping[str, type[Stage]]) -> list[Row]:
     """Rows a stage works on: its source files, or upstream-ok keys with every upstream stage's
     own columns merged (the upstream chain)."""
     if isinstance(stage, SourceStage):
         return stage.source_rows()
-    from stages import STAGES
-
-    chain = upstream_chain(type(stage))
+    chain = upstream_chain(type(stage), registry)
     latest = {name: store.latest_rows(name) for name in chain}
-    fan_out = next((i for i, name in enumerate(chain) if STAGES[name].fans_out), len(chain))
+    fan_out = next((i for i, name in enumerate(chain) if registry[name].fans_out), len(chain))
     rows = []
     for key in store.ok_keys(chain[-1]):
         row: Row = {"key": key}
@@ -91,13 +87,11 @@ def input_rows(stage: Stage, store: ManifestStore) -> list[Row]:
 
 
 def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, progress: bool = True) -> RunSummary:
-    from stages import STAGES
-
-    stage_cls = stage_cls or STAGES[name]
+    stage_cls = stage_cls or cfg.registry[name]
     stage = stage_cls(cfg.stage(name), cfg.run)
     store = ManifestStore(cfg.run.manifest_root)
     phash = stage_params_hash(stage)
-    rows = input_rows(stage, store)
+    rows = input_rows(stage, store, cfg.registry)
     done = store.done_keys(
         name, stage.version, phash, retry_failed=cfg.run.retry_failed, by="video_key" if stage.fans_out else "key"
     )
@@ -197,7 +191,7 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
         # workers are reused, as _PREPARERS assumes) keeps them apart. tests/test_runner_prepare.py
         # checks that the two run in different processes.
         ds = ds.map_batches(
-            _prepare_in_task, fn_args=(stage_cls, name, config_json), batch_size=res.batch_size,
+            prepare_in_task, fn_args=(stage_cls, name, config_json), batch_size=res.batch_size,
             num_cpus=res.prepare_cpus, max_calls=0,
         )
     # A worker or actor that dies mid-batch is retried by Ray Data's defaults (actors restart,
@@ -206,92 +200,18 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
                   memory=res.memory_bytes or None)
     if res.concurrency is not None:
         ds = ds.map_batches(
-            StageWorker,
+            StageWorker.from_wire,
             fn_constructor_args=(stage_cls, name, config_json),
             compute=ray.data.ActorPoolStrategy(size=res.concurrency),
             **common,
         )
     else:
-        ds = ds.map_batches(_process_in_task, fn_args=(stage_cls, name, config_json), **common)
+        ds = ds.map_batches(process_in_task, fn_args=(stage_cls, name, config_json), **common)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         results = [json.loads(blob) for blob in batch["result"]]
         for result in results:
             result["finished_at"] = datetime.fromisoformat(result["finished_at"])
         yield results
-
-
-class StageWorker:
-    """Runs inside a Ray task or actor: builds the stage once, then processes batches."""
-
-    def __init__(self, stage_cls: type[Stage], name: str, config_json: str) -> None:
-        from pipeline.config import load_config_dict
-
-        cfg = load_config_dict(json.loads(config_json))
-        self.stage = stage_cls(cfg.stage(name), cfg.run)
-        self.stage.setup()
-        self.allowed = set(stage_cls.schema.names)
-        self.node = _node_id()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = unpack_rows(batch)
-        results = self.process_safely(rows)
-        return {"result": [json.dumps(r, default=str) for r in results]}
-
-    def process_safely(self, rows: list[Row]) -> list[dict[str, Any]]:
-        """One result per row, whatever the stage does: a batch that raises is retried row by
-        row, and a row that raises on its own is recorded as failed with the error."""
-        started = time.perf_counter()
-        try:
-            results = self.stage.process(rows)
-            per_row = (time.perf_counter() - started) / max(1, len(rows))
-            return self._finish(rows, results, per_row)
-        except Exception:
-            if len(rows) == 1:
-                err = traceback.format_exc(limit=3).strip().splitlines()[-1]
-                log.warning("%s failed on %s: %s", self.stage.name, rows[0].get("key"), err)
-                key = rows[0]["key"]
-                fan_out = {"video_key": key} if self.stage.fans_out else {}
-                return self._finish(rows, [Result.failed(key, f"error: {err}", **fan_out)], 0.0)
-            return [r for row in rows for r in self.process_safely([row])]
-
-    def _check_fan_out(self, expected: list[str], results: list[Result]) -> list[Result]:
-        """Each result names its input in `video_key`; an input without results gets a failed row."""
-        seen = {r.metrics.get("video_key") for r in results}
-        if seen - set(expected):
-            raise RuntimeError(f"stage {self.stage.name} returned rows for unknown inputs {seen - set(expected)}")
-        missing = [Result.failed(k, "error: stage returned no result", video_key=k) for k in expected if k not in seen]
-        return results + missing
-
-    def _finish(self, rows: list[Row], results: list[Result], per_row: float) -> list[dict[str, Any]]:
-        expected = [r["key"] for r in rows]
-        if self.stage.fans_out:
-            results = self._check_fan_out(expected, results)
-        else:
-            by_key = {r.key: r for r in results}
-            if set(by_key) - set(expected):
-                raise RuntimeError(f"stage {self.stage.name} returned unknown keys {set(by_key) - set(expected)}")
-            results = [by_key.get(k) or Result.failed(k, "error: stage returned no result") for k in expected]
-        now = datetime.now(timezone.utc).isoformat()
-        out = []
-        for result in results:
-            unknown = set(result.metrics) - self.allowed - {"elapsed_s", "weights"}
-            if unknown:
-                raise RuntimeError(f"stage {self.stage.name} returned columns not in its schema: {unknown}")
-            if result.status not in STATUSES:
-                raise RuntimeError(f"stage {self.stage.name} returned status {result.status!r}")
-            record = asdict(result)
-            metrics = record.pop("metrics")
-            record.update(metrics)
-            record.setdefault("elapsed_s", per_row)
-            record.setdefault("weights", getattr(self.stage, "weights_stamp", "none"))
-            record["finished_at"] = now
-            record["node"] = self.node
-            out.append(record)
-        return out
-
-
-_WORKERS: dict[tuple[int, str, str], StageWorker] = {}
-_PREPARERS: dict[tuple[int, str, str], Stage] = {}
 
 
 def _check_gpus_exist(name: str, res: Resources) -> None:
@@ -350,77 +270,4 @@ def _check_prepare_fits(name: str, res: Any) -> None:
             f"{name}.concurrency or {name}.num_cpus, or the stage's prepare CPUs option"
         )
 
-
-def _prepare_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str) -> dict[str, Any]:
-    """The stage's prepare step in a plain CPU task: the stage is built (no models loaded) once
-    per worker process."""
-    key = (id(stage_cls), name, config_json)
-    if key not in _PREPARERS:
-        from pipeline.config import load_config_dict
-
-        cfg = load_config_dict(json.loads(config_json))
-        _PREPARERS[key] = stage_cls(cfg.stage(name), cfg.run)
-    packed = prepare_safely(_PREPARERS[key], [json.loads(r) for r in batch["row"]])
-    return {"row": [row for row, _ in packed], "arrays": [arrays for _, arrays in packed]}
-
-
-def prepare_safely(stage: Stage, rows: list[Row]) -> list[tuple[str, bytes]]:
-    """Prepared rows, packed, one per input row. A batch whose prepare raises, answers with other
-    keys or returns what cannot be packed is retried row by row; a row that still fails goes on
-    un-prepared, so process() prepares it again and the failure is recorded against its key."""
-    try:
-        prepared = stage.prepare(rows)
-        if [r.get("key") for r in prepared] != [r["key"] for r in rows]:
-            raise RuntimeError(f"stage {stage.name}.prepare returned other keys than it was given")
-        return [pack_row(row) for row in prepared]
-    except Exception:
-        if len(rows) != 1:
-            return [packed for row in rows for packed in prepare_safely(stage, [row])]
-        err = traceback.format_exc(limit=3).strip().splitlines()[-1]
-        log.warning("%s: prepare failed on %s (process() will retry it): %s", stage.name, rows[0].get("key"), err)
-        return [pack_row(rows[0])]
-
-
-def pack_row(row: Row) -> tuple[str, bytes]:
-    """A row → (JSON of its plain fields, .npz of its numpy array fields or b""): arrays of any
-    shape and count cross Ray as one binary column, and load back without pickle."""
-    import numpy as np
-
-    arrays = {k: v for k, v in row.items() if isinstance(v, np.ndarray)}
-    if any(a.dtype.hasobject for a in arrays.values()):
-        raise ValueError("object arrays cannot cross without pickle")
-    blob = b""
-    if arrays:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        blob = buffer.getvalue()
-    return json.dumps({k: v for k, v in row.items() if k not in arrays}, default=str), blob
-
-
-def unpack_rows(batch: dict[str, Any]) -> list[Row]:
-    import numpy as np
-
-    rows = [json.loads(r) for r in batch["row"]]
-    for row, blob in zip(rows, batch.get("arrays", ()), strict=False):
-        if len(blob):
-            with np.load(io.BytesIO(bytes(blob)), allow_pickle=False) as arrays:
-                row.update({name: arrays[name] for name in arrays.files})
-    return rows
-
-
-def _process_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str) -> dict[str, Any]:
-    # Ray reuses worker processes, so a stage built once per process is reused across tasks.
-    key = (id(stage_cls), name, config_json)
-    if key not in _WORKERS:
-        _WORKERS[key] = StageWorker(stage_cls, name, config_json)
-    return _WORKERS[key](batch)
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()[:12]
-    except Exception:  # outside Ray (unit tests of the worker)
-        return "local"
 

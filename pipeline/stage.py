@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
+
+from pipeline.options import output_params
 
 Row = dict[str, Any]
 
@@ -34,9 +37,9 @@ class Resources:
 
     @classmethod
     def of(cls, config: Any) -> Resources:
-        """From a stage config with the usual num_cpus / num_gpus / batch_size / concurrency options."""
-        return cls(num_cpus=config.num_cpus, num_gpus=config.num_gpus, batch_size=config.batch_size,
-                   concurrency=config.concurrency)
+        """From a stage config's worker options (pipeline/options.py WorkerOptions)."""
+        return cls(num_cpus=config.num_cpus, num_gpus=getattr(config, "num_gpus", 0.0),
+                   batch_size=config.batch_size, concurrency=config.concurrency)
 
 
 @dataclass
@@ -99,8 +102,10 @@ class Stage:
         return Resources()
 
     def params(self) -> dict[str, Any]:
-        """Options that change the stage's outputs; their hash decides what is redone."""
-        return {}
+        """What changes the stage's outputs; its hash decides what is redone. Derived from the options
+        (each declares `output=`); a stage adds only what is not one of its options (run.weights, a
+        file's digest)."""
+        return output_params(self.config, self.run) if dataclasses.is_dataclass(self.config) else {}
 
     def preflight(self) -> None:
         """Cheap checks on the driver before any worker starts (weights present, options sane), so

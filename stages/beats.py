@@ -46,10 +46,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
 from pipeline.media.probe import MediaError, run_tool
 from pipeline.models.weights import RANDOM_INIT, Weights, models_root, pick_device, resolve
+from pipeline.options import ConfigError, ModelWorkerOptions, option
 from pipeline.stage import MissingDependency, Resources, Result, Row, Stage
+from pipeline.timeline import STEP_HZ
 
 FLOW_METHODS = ("farneback", "raft_small", "raft_large")
 AUDIO_CONTEXT_S = 0.25  # audio read before the clip start, so the first step sees real history
@@ -57,12 +58,12 @@ DECODE_TIMEOUT_S = 300.0
 
 
 @dataclass
-class BeatsConfig:
-    step_hz: int = option(50, "steps per second of the beat arrays (EnCodec frame rate: 50 → 500 per 10 s)")
+class BeatsConfig(ModelWorkerOptions):
     onset_delta: float = option(0.07, "librosa onset peak-picking threshold on the normalised envelope")
     video_fps: float = option(9.6, "frames sampled per second for optical flow (VMAs: 9.6 → 96 per clip)")
     frame_size: str = option("256x144", "WxH frames are scaled to before flow (multiples of 8 for RAFT)")
-    flow_method: str = option("farneback", "farneback (OpenCV, CPU) | raft_small | raft_large (torchvision)")
+    flow_method: str = option("farneback", "farneback (OpenCV, CPU) | raft_small | raft_large (torchvision)",
+                              choices=FLOW_METHODS)
     video_window: int = option(
         10, "w: a video beat is the strict flow maximum within ±w steps (10 = ±0.2 s, ≤ 2.5 beats/s)")
     min_flow_px: float = option(
@@ -71,18 +72,20 @@ class BeatsConfig:
         4, "k: a video beat is matched by a music beat within ±k steps (4 = ±80 ms: the 9.6 fps "
         "half-frame uncertainty of 2.6 steps plus onset jitter; larger k matches more by chance)")
     beat_weight: float = option(1.0, "lambda: beat_weights = 1 + lambda * overlap (matched tokens count double)")
-    raft_iters: int = option(12, "RAFT refinement iterations (torchvision's default)")
-    flow_batch: int = option(16, "frame pairs per RAFT call")
+    raft_iters: int = option(12, "RAFT refinement iterations (torchvision's default)", output=lambda c, run: c.flow_method != "farneback")
+    flow_batch: int = option(16, "frame pairs per RAFT call", output=False)
     extras: bool = option(False, "also store per-step RMS loudness, 12-bin chroma and shot-cut times")
-    extras_hz: int = option(50, "rate of the rms and chroma arrays (extras=true)")
+    extras_hz: int = option(STEP_HZ, "rate of the rms and chroma arrays (extras=true)", output=lambda c, run: c.extras)
     shot_cut_threshold: float = option(
-        0.2, "mean absolute grey difference (0-1) between sampled frames that counts as a cut")
-    device: str = option("auto", "torch device for RAFT: auto (cuda when a GPU is reserved) | cpu | cuda")
-    num_gpus: float = option(0.0, "GPUs per RAFT actor")
-    num_cpus: float = option(1.0, "CPUs per worker")
-    concurrency: int = option(1, "RAFT actors (each loads the model once); Farneback runs as CPU tasks")
-    batch_size: int = option(8, "clips per process() call")
-    seed: int = option(0, "seeds random-init RAFT weights")
+        0.2, "mean absolute grey difference (0-1) between sampled frames that counts as a cut", output=lambda c, run: c.extras)
+    seed: int = option(0, "seeds random-init RAFT weights",
+                       output=lambda c, run: c.flow_method != "farneback" and run.weights == "random")
+    concurrency: int = 1  # RAFT actors; Farneback runs as CPU tasks
+
+    @property
+    def step_hz(self) -> int:
+        """The tokens' grid (pipeline/timeline.py): beat arrays must line up with EnCodec steps."""
+        return STEP_HZ
 
 
 class Beats(Stage):
@@ -133,20 +136,6 @@ class Beats(Stage):
         if self.uses_raft:
             return Resources.of(c)
         return Resources(num_cpus=c.num_cpus, batch_size=c.batch_size)
-
-    def params(self) -> dict[str, Any]:
-        c = self.config
-        out = {
-            "step_hz": c.step_hz, "onset_delta": c.onset_delta, "video_fps": c.video_fps,
-            "frame_size": c.frame_size, "flow_method": c.flow_method, "video_window": c.video_window,
-            "min_flow_px": c.min_flow_px, "overlap_tolerance": c.overlap_tolerance,
-            "beat_weight": c.beat_weight, "extras": c.extras,
-        }
-        if self.uses_raft:
-            out.update(raft_iters=c.raft_iters, seed=c.seed if self.run.weights == "random" else None)
-        if c.extras:
-            out.update(extras_hz=c.extras_hz, shot_cut_threshold=c.shot_cut_threshold)
-        return out
 
     def preflight(self) -> None:
         if self.uses_raft:
@@ -240,13 +229,11 @@ def parse_frame_size(text: str) -> tuple[int, int]:
 
 
 def check_config(c: BeatsConfig, width: int, height: int) -> None:
-    if c.flow_method not in FLOW_METHODS:
-        raise ConfigError(f"config key 'beats.flow_method' must be one of {FLOW_METHODS}, got {c.flow_method!r}")
     if c.flow_method != "farneback" and (width % 8 or height % 8 or min(width, height) < 128):
         raise ConfigError("config key 'beats.frame_size': RAFT needs multiples of 8, at least 128 each way")
     if width < 16 or height < 16:
         raise ConfigError("config key 'beats.frame_size' must be at least 16x16")
-    for name in ("step_hz", "video_window", "extras_hz", "raft_iters", "flow_batch"):
+    for name in ("video_window", "extras_hz", "raft_iters", "flow_batch"):
         if getattr(c, name) < 1:
             raise ConfigError(f"config key 'beats.{name}' must be >= 1")
     if c.video_fps <= 0 or c.overlap_tolerance < 0:

@@ -9,16 +9,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
+from pipeline.options import ConfigError, clip_length, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 
 @dataclass
 class ClipsConfig:
-    clip_s: float = option(10.0, "clip length in seconds (VMAs: 10 s = 500 EnCodec steps)")
+    clip_s: float = clip_length(restates=None)
     hop_s: float = option(10.0, "start-to-start distance between clips; < clip_s overlaps them")
     max_clips: int | None = option(None, "at most this many clips per video (None: all)")
-    last_partial: str = option("drop", "the last clip shorter than clip_s: drop | pad (downstream pads it)")
+    last_partial: str = option("drop", "the last clip shorter than clip_s: drop | pad (downstream pads it)",
+                               choices=("drop", "pad"))
     min_partial_s: float = option(3.0, "with last_partial=pad, keep a partial clip only if this long")
 
 
@@ -40,19 +41,12 @@ class Clips(Stage):
 
     def __init__(self, config: ClipsConfig, run: Any) -> None:
         super().__init__(config, run)
-        if config.last_partial not in ("drop", "pad"):
-            raise ConfigError(f"config key 'clips.last_partial' must be drop or pad, got {config.last_partial!r}")
         if config.clip_s <= 0 or config.hop_s <= 0:
             raise ConfigError("config keys 'clips.clip_s' and 'clips.hop_s' must be > 0")
 
     @property
     def resources(self) -> Resources:
         return Resources(num_cpus=0.25, batch_size=64)
-
-    def params(self) -> dict[str, Any]:
-        c = self.config
-        return {"clip_s": c.clip_s, "hop_s": c.hop_s, "max_clips": c.max_clips,
-                "last_partial": c.last_partial, "min_partial_s": c.min_partial_s}
 
     def process(self, rows: list[Row]) -> list[Result]:
         return [result for row in rows for result in self.clip_video(row)]

@@ -22,8 +22,8 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
 from pipeline.media.probe import MediaError, check_tail_decodes, probe
+from pipeline.options import ConfigError, WorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
@@ -31,28 +31,32 @@ RATE = re.compile(r"(?i)\d+(\.\d+)?[kmgtpezy]?")  # what yt-dlp's parse_bytes re
 
 
 @dataclass
-class DownloadConfig:
+class DownloadConfig(WorkerOptions):
     format: str = option(
         "bv*[height<=?360]+ba/b[height<=?360]/wv*+ba/w",
         "yt-dlp format selector (default: ≤360p video + best audio, merged)",
     )
     max_duration_s: float | None = option(1800.0, "fail videos longer than this (seconds)")
     sections: str | None = option(None, "download only this section, yt-dlp syntax, e.g. '*0-120'")
-    rate_limit: str | None = option(None, "global bandwidth cap shared by all workers, e.g. 2M (bytes/s)")
-    concurrency: int = option(4, "parallel downloads (Ray actors)")
-    num_cpus: float = option(0.5, "CPUs reserved per download actor")
-    retries: int = option(3, "retries of a transient failure")
-    backoff_s: float = option(2.0, "first retry delay; doubles each retry, with jitter")
-    backoff_max_s: float = option(60.0, "longest retry delay")
-    socket_timeout_s: float = option(30.0, "network timeout per request")
-    cookies_file: str | None = option(None, "cookies.txt passed to yt-dlp")
-    proxy: str | None = option(None, "proxy URL passed to yt-dlp")
-    user_agent: str | None = option(None, "User-Agent header")
-    allow_private_hosts: bool = option(False, "allow URLs on loopback/private/link-local addresses")
+    rate_limit: str | None = option(None, "global bandwidth cap shared by all workers, e.g. 2M (bytes/s)",
+                                    output=False)
+    retries: int = option(3, "retries of a transient failure", output=False)
+    backoff_s: float = option(2.0, "first retry delay; doubles each retry, with jitter", output=False)
+    backoff_max_s: float = option(60.0, "longest retry delay", output=False)
+    socket_timeout_s: float = option(30.0, "network timeout per request", output=False)
+    cookies_file: str | None = option(None, "cookies.txt passed to yt-dlp", output=False)
+    proxy: str | None = option(None, "proxy URL passed to yt-dlp", output=False)
+    user_agent: str | None = option(None, "User-Agent header", output=False)
+    allow_private_hosts: bool = option(False, "allow URLs on loopback/private/link-local addresses", output=False)
     min_side_px: int = option(32, "fail videos narrower or shorter than this (YouTube's smallest is 256x144)")
-    breaker_window: int = option(20, "circuit breaker: recent attempts looked at")
-    breaker_threshold: float = option(0.8, "circuit breaker: transient-failure fraction that trips it")
-    breaker_cooldown_s: float = option(60.0, "circuit breaker: pause when tripped")
+    breaker_window: int = option(20, "circuit breaker: recent attempts looked at", output=False)
+    breaker_threshold: float = option(0.8, "circuit breaker: transient-failure fraction that trips it",
+                                      output=False)
+    breaker_cooldown_s: float = option(60.0, "circuit breaker: pause when tripped", output=False)
+    # one video per call: a slow download never holds others back in its batch
+    concurrency: int = 4
+    num_cpus: float = 0.5
+    batch_size: int = 1
 
 
 # (pattern, class, transient) — first match wins; messages are yt-dlp's own.
@@ -115,12 +119,7 @@ class Download(Stage):
     @property
     def resources(self) -> Resources:
         c = self.config
-        return Resources(num_cpus=c.num_cpus, batch_size=1, concurrency=c.concurrency)
-
-    def params(self) -> dict[str, Any]:
-        c = self.config
-        return {"format": c.format, "max_duration_s": c.max_duration_s, "sections": c.sections,
-                "min_side_px": c.min_side_px}
+        return Resources.of(c)
 
     def setup(self) -> None:
         self.out_dir = Path(self.run.media_root) / "video"

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
 from pipeline.media.files import save_npy_atomic
 from pipeline.media.frames import DECODERS, FrameReader
 from pipeline.media.probe import MediaError
-from pipeline.models.precision import pick_precision
+from pipeline.models.precision import PRECISIONS, pick_precision
 from pipeline.models.weights import Weights, models_root, pick_device, resolve
+from pipeline.options import ConfigError, ModelWorkerOptions, clip_length, option
 from pipeline.stage import Resources, Result, Row, Stage
 from pipeline.timeline import check_window
 
@@ -71,26 +71,26 @@ UNUSED_KEY_PREFIXES = ("head.", "decoder", "mask_token", "multi_scale_fusion_hea
 
 
 @dataclass
-class FeaturesConfig:
-    model: str = option("hiera_base_16x224", f"Hiera video architecture: {' | '.join(ARCHITECTURES)}")
+class FeaturesConfig(ModelWorkerOptions):
+    model: str = option("hiera_base_16x224", f"Hiera video architecture: {' | '.join(ARCHITECTURES)}",
+                        choices=tuple(ARCHITECTURES))
     checkpoint: str = option("mae_k400_ft_k400", "Meta's checkpoint tag: mae_k400_ft_k400 | mae_k400")
     frames: int = option(96, "frames per clip (a multiple of 16: Hiera windows)")
     fps: float = option(9.6, "frame sampling rate from the clip start (96 frames at 9.6 fps = 10 s)")
-    clip_s: float = option(10.0, "clip length in seconds; must match clips.clip_s")
-    crop: str = option("center", "center: short side to 224 then centre crop | squash: resize to 224×224")
+    clip_s: float = clip_length()
+    crop: str = option("center", "center: short side to 224 then centre crop | squash: resize to 224×224",
+                       choices=CROPS)
     layer: int = option(-1, "Hiera stage whose output is kept: 0..3, -1 = last (768-d for Base)")
     pooling: str = option(
-        "spatial_mean", "spatial_mean | spatial_max: [T, D], T = frames/2 | mean: [1, D] over time and space")
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
-    device: str = option("auto", "torch device: auto (cuda when a GPU is reserved) | cpu | cuda")
-    decoder: str = option("auto", "auto: decord, ffmpeg where decord cannot read the file | decord | ffmpeg")
-    batch_size: int = option(4, "clips per process() call")
-    windows_per_pass: int = option(24, "16-frame windows per forward pass (6 per clip): bounds memory")
-    decode_threads: int = option(2, "threads decoding clips ahead of the model")
-    concurrency: int = option(0, "actors; each loads Hiera once; 0 = as many as the CPUs (GPUs when num_gpus > 0) hold")
-    num_cpus: float = option(1.0, "CPUs reserved per actor")
-    num_gpus: float = option(0.0, "GPUs per actor")
-    seed: int = option(0, "seeds random-init weights (run.weights=random), identical on every worker")
+        "spatial_mean", "spatial_mean | spatial_max: [T, D], T = frames/2 | mean: [1, D] over time and space",
+        choices=POOLINGS)
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16", choices=PRECISIONS)
+    decoder: str = option("auto", "auto: decord, ffmpeg where decord cannot read the file | decord | ffmpeg",
+                          choices=DECODERS)
+    windows_per_pass: int = option(24, "16-frame windows per forward pass (6 per clip): bounds memory",
+                                   output=False)
+    decode_threads: int = option(2, "threads decoding clips ahead of the model", output=False)
+    batch_size: int = 4  # clips per process() call
 
 
 class Features(Stage):
@@ -128,10 +128,7 @@ class Features(Stage):
         return replace(Resources.of(c), memory_bytes=memory)
 
     def params(self) -> dict[str, Any]:
-        c = self.config
-        return {"model": c.model, "checkpoint": c.checkpoint, "frames": c.frames, "fps": c.fps,
-                "clip_s": c.clip_s, "crop": c.crop, "layer": c.layer, "pooling": c.pooling,
-                "precision": c.precision, "weights": self.run.weights}
+        return {**super().params(), "weights": self.run.weights}
 
     def preflight(self) -> None:
         c = self.config
@@ -246,14 +243,9 @@ class VideoClip:
 
 def check_config(c: FeaturesConfig) -> None:
     problems = {
-        "model": c.model not in ARCHITECTURES and f"one of {list(ARCHITECTURES)}",
         "frames": (c.frames <= 0 or c.frames % WINDOW_FRAMES) and f"a positive multiple of {WINDOW_FRAMES}",
         "fps": c.fps <= 0 and "positive",
-        "crop": c.crop not in CROPS and f"one of {CROPS}",
         "layer": not -4 <= c.layer <= 3 and "a Hiera stage, 0..3 or -1..-4",
-        "pooling": c.pooling not in POOLINGS and f"one of {POOLINGS}",
-        "precision": c.precision not in ("auto", "fp32", "bf16") and "auto, fp32 or bf16",
-        "decoder": c.decoder not in DECODERS and f"one of {DECODERS}",
     }
     for key, wanted in problems.items():
         if wanted:

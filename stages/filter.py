@@ -32,17 +32,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
 from pipeline.media.frames import DECODERS, FrameReader, uniform_indices
 from pipeline.media.probe import MediaError
-from pipeline.models.precision import choose_precision, native_bf16
+from pipeline.models.precision import PRECISIONS, choose_precision, native_bf16
 from pipeline.models.weights import Weights, models_root, resolve
+from pipeline.options import ConfigError, ModelWorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
 
 EMBEDDERS = ("clip", "pixels")
-PRECISIONS = ("auto", "fp32", "bf16")
 THUMBNAIL_SIZE = 32  # grey thumbnails for the identical-frame check and blank detection
 PIXELS_SIZE = 16  # the pixels embedder's feature grid
 FRAME_SHORT_SIDE = 224  # frames are shrunk to the embedder's input side (this, for the pixels embedder)
@@ -55,15 +54,17 @@ FRAMES, DECODED = "filter_frames", "filter_decoded"
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(ModelWorkerOptions):
     embedder: str = option(
         "clip",
         "clip: open_clip image embeddings | pixels: weight-free 16×16 pixel features "
         "(offline stand-in; outputs stamped model pixels-16x16, weights none)",
+        choices=EMBEDDERS,
     )
-    model: str = option("ViT-B-32", "open_clip architecture")
+    model: str = option("ViT-B-32", "open_clip architecture", output=lambda c, run: c.embedder == "clip")
     pretrained: str = option(
-        "laion2b_s34b_b79k", "open_clip pretrained tag; weights in <models_root>/open_clip/<model>-<tag>/"
+        "laion2b_s34b_b79k", "open_clip pretrained tag; weights in <models_root>/open_clip/<model>-<tag>/",
+        output=lambda c, run: c.embedder == "clip",
     )
     frames: int = option(16, "frames sampled uniformly over each video")
     threshold: float = option(0.7, "drop videos whose frame_similarity is above this")
@@ -81,23 +82,24 @@ class FilterConfig:
     early_drop_margin: float = option(0.1, "how far above the threshold an early drop must score")
     skip_blank_leader: bool = option(False, "sample after a black/blank opening instead of from frame 0")
     min_duration_s: float = option(2.0, "fail videos shorter than this (seconds)")
-    decoder: str = option("auto", "auto: decord, ffmpeg where decord cannot read the file | decord | ffmpeg")
+    decoder: str = option("auto", "auto: decord, ffmpeg where decord cannot read the file | decord | ffmpeg",
+                          choices=DECODERS)
     precision: str = option(
         "auto",
         "CLIP weights and inputs: auto (bf16 on CUDA and on CPUs with native bf16 — AVX512-BF16 or "
         "AMX — else fp32) | fp32 | bf16. Embeddings are compared in float32 either way",
+        choices=PRECISIONS, output=lambda c, run: c.embedder == "clip",
     )
-    embed_batch: int = option(64, "frames per embedder forward pass")
-    batch_size: int = option(8, "videos per batch: decoded together, embedded in shared forward passes")
-    decode_threads: int = option(2, "videos of a batch decoded in parallel")
-    concurrency: int = option(2, "actors; each loads the embedder once")
-    num_cpus: float = option(1.0, "CPUs reserved per actor")
-    num_gpus: float = option(0.0, "GPUs per actor; CLIP runs on CUDA when > 0")
+    embed_batch: int = option(64, "frames per embedder forward pass", output=False)
+    decode_threads: int = option(2, "videos of a batch decoded in parallel", output=False)
+    batch_size: int = 8  # videos decoded together and embedded in shared forward passes
+    concurrency: int = 2
     decode_cpus: float | None = option(
         None,
         "CPUs per decode task: under Ray, videos are decoded in CPU tasks upstream of the CLIP actors "
         "(keeps a GPU fed). None: 1 when num_gpus > 0, else decode inside the actors (CPU-only: the "
         "actors already use every core). 0: always inside the actors",
+        output=False,
     )
 
 
@@ -149,21 +151,8 @@ class Filter(Stage):
         return dataclasses.replace(Resources.of(c), prepare_cpus=decode_cpus or None)
 
     def params(self) -> dict[str, Any]:
-        c = self.config
-        params = {
-            "embedder": c.embedder,
-            "frames": c.frames,
-            "threshold": c.threshold,
-            "identical_frame_tolerance": c.identical_frame_tolerance,
-            "early_drop_frames": c.early_drop_frames,
-            "early_drop_margin": c.early_drop_margin,
-            "skip_blank_leader": c.skip_blank_leader,
-            "min_duration_s": c.min_duration_s,
-            "decoder": c.decoder,
-        }
-        if c.embedder == "clip":
-            params.update(model=c.model, pretrained=c.pretrained, weights=self.run.weights, precision=c.precision)
-        return params
+        clip = {"weights": self.run.weights} if self.config.embedder == "clip" else {}
+        return {**super().params(), **clip}
 
     def preflight(self) -> None:
         c = self.config
@@ -390,19 +379,14 @@ def shrink_to_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC))
 
 def check_config(c: FilterConfig) -> None:
-    if c.embedder not in EMBEDDERS:
-        raise ConfigError(f"filter.embedder must be one of {EMBEDDERS}, got {c.embedder!r}")
-    if c.precision not in PRECISIONS:
-        raise ConfigError(f"filter.precision must be one of {PRECISIONS}, got {c.precision!r}")
     if c.decode_cpus is not None and c.decode_cpus < 0:
-        raise ConfigError(f"filter.decode_cpus must be None or >= 0, got {c.decode_cpus}")
-    if c.decoder not in DECODERS:
-        raise ConfigError(f"filter.decoder must be one of {DECODERS}, got {c.decoder!r}")
+        raise ConfigError(f"config key 'filter.decode_cpus' must be None or >= 0, got {c.decode_cpus!r}")
     if c.frames < 2:
-        raise ConfigError(f"filter.frames must be at least 2 (similarity needs pairs), got {c.frames}")
+        raise ConfigError(f"config key 'filter.frames' must be at least 2 (similarity needs pairs), got {c.frames!r}")
     if c.early_drop_frames and not 2 <= c.early_drop_frames < c.frames:
         raise ConfigError(
-            f"filter.early_drop_frames must be 0 or between 2 and filter.frames-1, got {c.early_drop_frames}"
+            f"config key 'filter.early_drop_frames' must be 0 or between 2 and filter.frames-1, "
+            f"got {c.early_drop_frames!r}"
         )
 
 

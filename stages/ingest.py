@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 
-from pipeline.config import option
+from pipeline.options import option
 from pipeline.stage import Result, Row, SourceStage
 
 log = logging.getLogger("discomv")
@@ -52,9 +52,11 @@ class IngestConfig:
         [],
         "input files: DISCO-10M .parquet, YouTube-8M id lists (.txt/.csv) or URL lists; "
         "prefix NAME= to name the source (e.g. yt8m=ids.txt)",
+        output=False,
     )
-    limit: int | None = option(None, "keep only the first N candidates (trial runs)")
-    sample: float | None = option(None, "keep a deterministic fraction (0-1] of candidates by key hash")
+    limit: int | None = option(None, "keep only the first N candidates (trial runs)", output=False)
+    sample: float | None = option(None, "keep a deterministic fraction (0-1] of candidates by key hash",
+                                  output=False)
     max_duration_s: float | None = option(None, "drop candidates whose listed duration is longer")
     default_license: str = option(
         "youtube-standard (unverified)", "license recorded when the input has no license column"
@@ -83,9 +85,6 @@ class Ingest(SourceStage):
             ("disco_scores", pa.string()),  # DISCO-10M similarity_* columns as JSON
         ]
     )
-
-    def params(self) -> dict[str, Any]:
-        return {"max_duration_s": self.config.max_duration_s, "license": self.config.default_license}
 
     @property
     def resources(self):

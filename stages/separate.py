@@ -50,10 +50,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
 from pipeline.media.audio import stream_audio, write_resampled_flac
 from pipeline.media.probe import MediaError
 from pipeline.models.weights import RANDOM_INIT, models_root, pick_device, resolve, sha256_file
+from pipeline.options import ConfigError, ModelWorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
@@ -80,14 +80,14 @@ MODEL_CLASSES = ("demucs.htdemucs.HTDemucs", "demucs.hdemucs.HDemucs", "demucs.d
 
 
 @dataclass
-class SeparateConfig:
+class SeparateConfig(ModelWorkerOptions):
     model: str = option("htdemucs", "Demucs model (bag) name, weights in <models_root>/demucs/<model>/")
     shifts: int = option(1, "random shifts averaged (Demucs' shift trick; 0 = off, deterministic)")
     overlap: float = option(0.25, "overlap between consecutive segments")
     segment: float | None = option(None, "segment length in seconds (None = the model's, 7.8 s)")
     batch_segments: int = option(
         0, "segments per model call (across tracks); 0 = auto: 1 on CPU (htdemucs is slower per segment "
-        "in larger batches there), 4 on GPU")
+        "in larger batches there), 4 on GPU", output=False)
     instrumental_threshold: float = option(
         0.01, "vocal/mix energy ratio below which a track is instrumental_source")
     vocals_removed_threshold: float = option(
@@ -101,13 +101,9 @@ class SeparateConfig:
         7200.0, "fail tracks longer than this (seconds; checked on the probed duration before decoding)")
     random_init: str = option(
         "htdemucs", "run.weights=random only: 'htdemucs' = the real architecture; 'tiny' / 'tiny8k' "
-        "(8 kHz) = small HTDemucs for fast tests")
-    device: str = option("auto", "torch device: auto (cuda when a GPU is reserved) | cpu | cuda")
-    num_gpus: float = option(0.0, "GPUs per separation actor")
-    num_cpus: float = option(1.0, "CPUs per separation actor")
-    concurrency: int = option(0, "separation actors (each loads the model once); 0 = as many as the CPUs (GPUs when num_gpus > 0) hold")
-    batch_size: int = option(4, "tracks per process() call")
+        "(8 kHz) = small HTDemucs for fast tests", output=lambda c, run: run.weights == "random")
     seed: int = option(0, "seeds the shift offsets (mixed with the key) and random-init weights")
+    batch_size: int = 4  # tracks per process() call
 
 
 class Separate(Stage):
@@ -138,22 +134,7 @@ class Separate(Stage):
 
     @property
     def resources(self) -> Resources:
-        c = self.config
-        return Resources.of(c)
-
-    def params(self) -> dict[str, Any]:
-        c = self.config
-        out = {
-            "model": c.model, "shifts": c.shifts, "overlap": c.overlap, "segment": c.segment,
-            "instrumental_threshold": c.instrumental_threshold,
-            "vocals_removed_threshold": c.vocals_removed_threshold,
-            "skip_instrumental": c.skip_instrumental, "probe_segments": c.probe_segments,
-            "residual_segments": c.residual_segments, "encodec_sample_rate": c.encodec_sample_rate,
-            "max_duration_s": c.max_duration_s, "seed": c.seed,
-        }
-        if self.run.weights == "random":
-            out["random_init"] = c.random_init
-        return out
+        return Resources.of(self.config)
 
     def preflight(self) -> None:
         if self.run.weights != "random":

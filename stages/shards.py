@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
+from pipeline.options import ConfigError, option
 from pipeline.stage import Resources, Result, Row, Stage
 from pipeline.timeline import STEPS
 from pipeline.webds.index import (
@@ -51,18 +51,22 @@ Sample = dict[str, Any]  # member extension → bytes or FileMember, plus `__key
 
 @dataclass
 class ShardsConfig:
-    max_bytes: int = option(1_000_000_000, "start a new shard before it would exceed this many bytes")
-    max_samples: int = option(2000, "at most this many samples per shard (also the writer's batch)")
+    max_bytes: int = option(1_000_000_000, "start a new shard before it would exceed this many bytes",
+                            output=False)
+    max_samples: int = option(2000, "at most this many samples per shard (also the writer's batch)",
+                              output=False)
     train_fraction: float = option(0.9, "fraction of artists in train (by hash of the artist)")
     val_fraction: float = option(0.05, "fraction of artists in val; test gets the rest")
-    heldout_keys: str | None = option(None, "file of video or clip keys forced into `heldout_split`")
-    heldout_split: str = option("test", "split for held-out keys: val | test")
+    heldout_keys: str | None = option(None, "file of video or clip keys forced into `heldout_split` (its "
+                                      "content, not its path, decides a redo)", output=False)
+    heldout_split: str = option("test", "split for held-out keys: val | test", choices=("val", "test"))
     include_flac: bool = option(False, "add the clip's 32 kHz instrumental as `flac`")
     include_mp4: bool = option(False, "add the clip re-encoded small as `mp4`")
-    mp4_height: int = option(128, "height of the optional mp4")
+    mp4_height: int = option(128, "height of the optional mp4", output=lambda c, run: c.include_mp4)
     fsync: bool = option(
         True, "fsync each shard before renaming it into place (false: faster where the disk is slow, "
-        "but a power loss or kernel crash can leave a short shard under its final name; verify finds it)")
+        "but a power loss or kernel crash can leave a short shard under its final name; verify finds it)",
+        output=False)
 
 
 class Shards(Stage):
@@ -74,8 +78,6 @@ class Shards(Stage):
 
     def __init__(self, config: ShardsConfig, run: Any) -> None:
         super().__init__(config, run)
-        if config.heldout_split not in ("val", "test"):
-            raise ConfigError(f"config key 'shards.heldout_split' must be val or test, got {config.heldout_split!r}")
         for name in ("max_bytes", "max_samples"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"config key 'shards.{name}' must be at least 1, got {getattr(config, name)}")
@@ -88,10 +90,7 @@ class Shards(Stage):
         return Resources(num_cpus=1, batch_size=self.config.max_samples, concurrency=1)
 
     def params(self) -> dict[str, Any]:
-        c = self.config
-        return {"train": c.train_fraction, "val": c.val_fraction, "heldout": _file_digest(c.heldout_keys),
-                "heldout_split": c.heldout_split, "flac": c.include_flac, "mp4": c.include_mp4,
-                "mp4_height": c.mp4_height}
+        return {**super().params(), "heldout": _file_digest(self.config.heldout_keys)}
 
     def setup(self) -> None:
         self.root = Path(self.run.shard_root)

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError, option
 from pipeline.media.audio import read_audio_window
 from pipeline.media.files import save_npy_atomic
 from pipeline.media.probe import MediaError
-from pipeline.models.precision import pick_precision
+from pipeline.models.precision import PRECISIONS, pick_precision
 from pipeline.models.weights import Weights, models_root, pick_device, resolve
+from pipeline.options import ConfigError, ModelWorkerOptions, clip_length, option
 from pipeline.stage import Resources, Result, Row, Stage
 from pipeline.timeline import check_window
 
@@ -59,19 +59,15 @@ RANDOM_CODE_NORM = 0.1
 
 
 @dataclass
-class TokensConfig:
-    model: str = option("encodec_32khz", f"codec architecture: {' | '.join(ARCHITECTURES)} (test: tiny, for tests)")
-    clip_s: float = option(10.0, "clip length in seconds; must match clips.clip_s (10 s → 500 steps)")
+class TokensConfig(ModelWorkerOptions):
+    model: str = option("encodec_32khz", f"codec architecture: {' | '.join(ARCHITECTURES)} (test: tiny, for tests)",
+                        choices=tuple(ARCHITECTURES))
+    clip_s: float = clip_length()
     precision: str = option(
         "fp32", "fp32 | bf16 | auto (bf16 on CUDA). fp32 by default: codes are training targets, and "
-        "bf16 distances can flip the nearest codebook entry")
-    device: str = option("auto", "torch device: auto (cuda when a GPU is reserved) | cpu | cuda")
-    batch_size: int = option(8, "clips per process() call, encoded in one forward pass")
-    decode_threads: int = option(2, "threads reading clip audio ahead of the model")
-    concurrency: int = option(0, "actors; each loads the codec once; 0 = as many as the CPUs (GPUs when num_gpus > 0) hold")
-    num_cpus: float = option(1.0, "CPUs reserved per actor")
-    num_gpus: float = option(0.0, "GPUs per actor")
-    seed: int = option(0, "seeds random-init weights (run.weights=random), identical on every worker")
+        "bf16 distances can flip the nearest codebook entry", choices=PRECISIONS)
+    decode_threads: int = option(2, "threads reading clip audio ahead of the model", output=False)
+    batch_size: int = 8  # clips encoded in one forward pass
 
 
 class Tokens(Stage):
@@ -98,12 +94,10 @@ class Tokens(Stage):
 
     @property
     def resources(self) -> Resources:
-        c = self.config
-        return Resources.of(c)
+        return Resources.of(self.config)
 
     def params(self) -> dict[str, Any]:
-        c = self.config
-        return {"model": c.model, "clip_s": c.clip_s, "precision": c.precision, "weights": self.run.weights}
+        return {**super().params(), "weights": self.run.weights}
 
     def preflight(self) -> None:
         resolve_codec_weights(self.config.model, self.run.weights, self.run.models_root)
@@ -189,10 +183,6 @@ class AudioClip:
 
 
 def check_config(c: TokensConfig) -> None:
-    if c.model not in ARCHITECTURES:
-        raise ConfigError(f"config key 'tokens.model' must be one of {list(ARCHITECTURES)}, got {c.model!r}")
-    if c.precision not in ("fp32", "bf16", "auto"):
-        raise ConfigError(f"config key 'tokens.precision' must be fp32, bf16 or auto, got {c.precision!r}")
     if abs(c.clip_s * FRAME_RATE - round(c.clip_s * FRAME_RATE)) > 1e-9 or c.clip_s <= 0:
         raise ConfigError(f"config key 'tokens.clip_s' must be a positive multiple of 20 ms, got {c.clip_s}")
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Config, load_config_dict
+from pipeline.config import Config
 from pipeline.tools import synth
 from pipeline.tools.localserver import LocalServer
+from stages import load_config_dict
 
 
 @pytest.fixture(scope="session")

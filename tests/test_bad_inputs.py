@@ -26,12 +26,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
 from pipeline.manifest import ManifestStore
-from pipeline.runner import StageWorker, run_stage
+from pipeline.runner import run_stage
 from pipeline.tools import synth
 from pipeline.tools.localserver import LocalServer
-from stages import STAGES
+from pipeline.worker import StageWorker
+from stages import STAGES, load_config
 from stages.ingest import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,7 +291,7 @@ def private_host_outcomes(tmp: Path) -> dict[str, tuple[str, str]]:
 
 def worker(name: str, tmp: Path, **options: Any) -> StageWorker:
     cfg = make_config(tmp, ["unused"], **{name: {**MODELS.get(name, {}), **options}})
-    return StageWorker(STAGES[name], name, json.dumps(cfg.as_dict()))
+    return StageWorker(STAGES[name](cfg.stage(name), cfg.run))
 
 
 def run_batch(name: str, tmp: Path, rows: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:

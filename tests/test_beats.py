@@ -10,9 +10,8 @@ import pytest
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.runner import StageWorker
 from pipeline.tools import synth
-from stages import STAGES
+from pipeline.worker import StageWorker
 from stages.beats import (
     Beats,
     BeatsConfig,
@@ -143,16 +142,15 @@ def test_still_video_has_no_video_beats(tmp_path, beat_media):
 
 def test_35s_video_clips_share_one_timeline(tmp_path, beat_media, monkeypatch):
     """Three clips from clip_windows; each event's click lands on its step (±1) and its jump within
-    the 9.6 fps bound (±3) of the same clip; at 12.32 s both land on step 116 ±1. Run through the runner's worker (JSON) and into a manifest part file (schema).
+    the 9.6 fps bound (±3) of the same clip; at 12.32 s both land on step 116 ±1. Run through the runner's worker and into a manifest part file (schema).
     12.32 s is a 25 fps frame boundary: the jump shows from frame 308 (12.32 s), between the
     9.6 fps samples at 12.292 s and 12.396 s, whose midpoint is step 117.2 (expected 116)."""
     windows = clip_windows(35.0, ClipsConfig())
     assert windows == [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]
     rows = [clip_row(f"sp_{i:03d}", beat_media["sparse_video"], beat_media["sparse_audio"], s, e, 35.0)
             for i, (s, e) in enumerate(windows)]
-    monkeypatch.setitem(STAGES, "beats", Beats)  # a no-op once the registry lists the stage
-    config = {"run": {"media_root": str(tmp_path / "media"), "weights": "random"}}
-    out = StageWorker(Beats, "beats", json.dumps(config)).process_safely(rows)
+    run = RunConfig(media_root=str(tmp_path / "media"), weights="random")
+    out = StageWorker(Beats(BeatsConfig(), run)).process_safely(rows)
     assert [r["status"] for r in out] == ["ok", "ok", "ok"], [r["reason"] for r in out]
     for record, (start, _), event in zip(out, windows, SPARSE[:3], strict=True):
         step = round((event - start) * 50)

@@ -1,10 +1,9 @@
-import json
 
 import pytest
 from conftest import make_config
 
 from pipeline.config import ConfigError
-from pipeline.runner import StageWorker
+from pipeline.worker import StageWorker
 from stages.clips import Clips, ClipsConfig, clip_windows
 
 
@@ -32,7 +31,7 @@ def test_worker_fans_out_and_accounts_for_every_video(tmp_path):
     """Through the runner's worker: clip rows carry their video; a short video and one without
     duration still get exactly one row each."""
     cfg = make_config(tmp_path, ["x"])
-    worker = StageWorker(Clips, "clips", json.dumps(cfg.as_dict()))
+    worker = StageWorker(Clips(cfg.stage("clips"), cfg.run))
     rows = [{"key": "yt_a", "media_duration_s": 35.0}, {"key": "yt_b", "media_duration_s": 4.0},
             {"key": "yt_c"}]
     out = worker.process_safely(rows)

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from stages import load_config
 
 
 def test_defaults_and_overrides():

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.config import load_config_dict
 from pipeline.media.frames import FrameReader, uniform_indices
 from pipeline.media.probe import probe
 from pipeline.models.weights import WeightsNotFound
 from pipeline.tools import synth
+from stages import load_config_dict
 from stages.filter import Filter, frame_similarity
 
 SIZE = "160x120"

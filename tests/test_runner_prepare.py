@@ -13,12 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import ConfigError, load_config_dict
+from pipeline.config import ConfigError
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.runner import pack_row, prepare_safely, run_stage, unpack_rows
+from pipeline.runner import run_stage
 from pipeline.stage import Result, Row, Stage
 from pipeline.tools import synth
-from stages import STAGES
+from pipeline.worker import pack_row, prepare_safely, unpack_rows
+from stages import STAGES, load_config_dict
 from stages.filter import Filter
 
 SIZE = "160x120"

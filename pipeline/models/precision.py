@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
 
 def pick_precision(precision: str, device_type: str) -> str:
     """`auto`: bf16 on CUDA, fp32 elsewhere (EnCodec, Hiera)."""

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError, RunConfig, describe, load_config
+from pipeline.config import ConfigError, RunConfig, describe
+from stages import load_config
 
 log = logging.getLogger("discomv")
 

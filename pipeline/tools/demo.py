@@ -107,10 +107,9 @@ def write_config(work: Path, inputs: list[str]) -> Path:
 
 
 def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> int:
-    from pipeline.config import load_config
     from pipeline.runner import run_stage
     from pipeline.tools.summary import print_status
-    from stages import STAGES
+    from stages import STAGES, load_config
 
     work = Path(out).resolve()
     log.info("demo: making %d synthetic music videos in %s", n_videos, work / "source")

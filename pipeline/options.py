@@ -1,0 +1,111 @@
+"""Options: what a config key means, declared once where the key is declared.
+
+A stage's options are a dataclass of `option(...)` fields. Each carries its help text and, where it
+applies, the values it may take (`choices`, checked by the config loader with one message style), the
+key it must agree with (`same_as`, cross-checked when the whole config loads), and whether it changes
+the stage's outputs (`output`): the stage's params — whose hash decides what is redone — are derived
+from the options marked so, never from a hand-kept list. A leaf: it imports only pipeline/timeline.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.timeline import CLIP_S, STEP_HZ
+
+# `output` may be a predicate of (stage options, run options): the option counts only where it is used
+# (e.g. the CLIP model name only when filter.embedder is clip).
+OutputWhen = bool | Callable[[Any, Any], bool]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    output: OutputWhen = True,
+    same_as: str | None = None,
+) -> Any:
+    """A config field with its help text (shown by `discomv <stage> --help`).
+
+    choices: the values it may take; output: whether (or when) it changes the stage's outputs;
+    same_as: `section.key` this option restates and must equal (e.g. tokens.clip_s = clips.clip_s)."""
+    metadata = {"help": help, "choices": choices, "output": output, "same_as": same_as}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def clip_length(restates: str | None = "clips.clip_s") -> Any:
+    return option(CLIP_S, f"clip length in seconds ({CLIP_S:g} s = {int(CLIP_S * STEP_HZ)} steps of "
+                  f"{STEP_HZ} Hz)", same_as=restates)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class WorkerOptions:
+    """How a stage's workers run: never changes outputs. A stage config subclasses this and may
+    restate a default (`batch_size: int = 4`); the meaning and help stay here."""
+
+    num_cpus: float = option(1.0, "CPUs reserved per worker", output=False)
+    concurrency: int = option(
+        0, "actors, each loading its model once; 0 = as many as the cluster's CPUs (GPUs when num_gpus > 0) "
+        "hold", output=False)
+    batch_size: int = option(8, "rows per process() call", output=False)
+
+
+@dataclass
+class ModelWorkerOptions(WorkerOptions):
+    """Worker options of a stage that runs a torch model."""
+
+    num_gpus: float = option(0.0, "GPUs per actor; the model runs on CUDA when > 0", output=False)
+    device: str = option("auto", "torch device: auto (cuda when a GPU is reserved) | cpu | cuda",
+                         choices=DEVICES, output=False)
+    seed: int = option(0, "seeds random-init weights (run.weights=random): identical on every worker",
+                       output=lambda c, run: run.weights == "random")
+
+
+@dataclass
+class RunConfig:
+    manifest_root: str = option("manifests", "where stage manifests (Parquet part files) go")
+    media_root: str = option("media", "where downloaded and derived media go")
+    shard_root: str = option("shards", "where WebDataset shards go")
+    models_root: str = option("models", "local weights folder (also $DISCOMV_MODELS)")
+    weights: str = option(
+        "pretrained",
+        "pretrained: real weights (local folder, cache, or download) | "
+        "random: same architectures randomly initialised, outputs stamped weights=random-init",
+        choices=("pretrained", "random"),
+    )
+    flush_rows: int = option(16, "results appended to the manifest every N rows (durability unit)")
+    retry_failed: bool = option(False, "also redo rows whose last status is failed")
+    num_cpus: int | None = option(None, "CPUs for the embedded Ray (None = all)")
+
+
+def field_meta(cls: type, name: str) -> dict[str, Any]:
+    """An option's metadata, looked up through the class hierarchy: a subclass that restates only a
+    default (`batch_size: int = 4`) keeps the base option's help, choices and output flag."""
+    for klass in cls.__mro__:
+        fields = getattr(klass, "__dataclass_fields__", {})
+        if name in fields and fields[name].metadata:
+            return dict(fields[name].metadata)
+    return {}
+
+
+def output_params(config: Any, run: Any) -> dict[str, Any]:
+    """The options that change a stage's outputs under this config, by name."""
+    params = {}
+    for f in dataclasses.fields(config):
+        output = field_meta(type(config), f.name).get("output", True)
+        if output is True or (callable(output) and output(config, run)):
+            params[f.name] = getattr(config, f.name)
+    return params
