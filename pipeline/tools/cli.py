@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, describe
 from stages import load_config
@@ -122,7 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from pipeline.tools.demo import run_demo
 
-        return run_demo(args.out, n_videos=args.videos, progress=not args.no_progress)
+        config_path = run_demo(args.out, n_videos=args.videos, progress=not args.no_progress)
+        return _finish_demo(config_path.parent, config_path)
     cfg = load_config(args.config, args.overrides)
     if args.command in STAGES:
         run_stage(args.command, cfg, progress=not args.no_progress)
@@ -258,3 +260,19 @@ def fetch_all_weights(cfg) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _finish_demo(work: Path, config_path: Path) -> int:
+    """After the stages: verify the shards, a short training run on them, the audit report."""
+    from pipeline.tools.demo import TRAIN_STEPS
+
+    code = main(["verify", "-c", str(config_path)])
+    runs = work / "runs" / "tiny"
+    if code == 0 and any((work / "shards").glob("train-*.tar")):
+        code = main(["train", "--shards", str(work / "shards"), "--config", "tiny", "--steps", str(TRAIN_STEPS),
+                     "--out", str(runs), "--set", "eval_interval=10"])
+    main(["audit", "-c", str(config_path), "--html", str(work / "report.html"), "--card", str(work / "DATASET_CARD.md")])
+    print(f"\nmanifests: {work / 'manifests'}   media: {work / 'media'}   shards: {work / 'shards'}")
+    print(f"report: {work / 'report.html'}   dataset card: {work / 'DATASET_CARD.md'}   training log: {runs / 'log.csv'}")
+    print(f"next: make status CONFIG={config_path}   (or any stage: make filter CONFIG={config_path})")
+    return code

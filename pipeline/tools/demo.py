@@ -106,7 +106,9 @@ def write_config(work: Path, inputs: list[str]) -> Path:
     return path
 
 
-def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> int:
+def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> Path:
+    """Every stage over a synthetic corpus served from 127.0.0.1; returns the demo's config file
+    (the command line then verifies, trains and audits, as a user would)."""
     from pipeline.runner import run_stage
     from pipeline.tools.summary import print_status
     from stages import STAGES, load_config
@@ -125,20 +127,4 @@ def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> int:
         for name in STAGES:
             run_stage(name, cfg, progress=progress)
     print_status(cfg)
-    return finish_demo(work, config_path)
-
-
-def finish_demo(work: Path, config_path: Path) -> int:
-    """After the stages: verify the shards, a short training run on them, the audit report."""
-    from pipeline.tools.cli import main
-
-    code = main(["verify", "-c", str(config_path)])
-    runs = work / "runs" / "tiny"
-    if code == 0 and any((work / "shards").glob("train-*.tar")):
-        code = main(["train", "--shards", str(work / "shards"), "--config", "tiny", "--steps", str(TRAIN_STEPS),
-                     "--out", str(runs), "--set", "eval_interval=10"])
-    main(["audit", "-c", str(config_path), "--html", str(work / "report.html"), "--card", str(work / "DATASET_CARD.md")])
-    print(f"\nmanifests: {work / 'manifests'}   media: {work / 'media'}   shards: {work / 'shards'}")
-    print(f"report: {work / 'report.html'}   dataset card: {work / 'DATASET_CARD.md'}   training log: {runs / 'log.csv'}")
-    print(f"next: make status CONFIG={config_path}   (or any stage: make filter CONFIG={config_path})")
-    return code
+    return config_path
