@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.options import ConfigError, RunConfig, field_meta, option
+from pipeline.options import ConfigError, RunConfig, check_choices, field_meta, option
 
 __all__ = ["Config", "ConfigError", "RunConfig", "describe", "load_config", "load_config_dict", "option"]
 Registry = Mapping[str, type]  # stage name → Stage class (with its `Config` options dataclass)
@@ -116,16 +116,10 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
         if key not in fields:
             raise ConfigError(f"unknown config key '{section}.{key}'{_hint(key, fields)}")
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
-        _check_choice(f"{section}.{key}", kwargs[key], field_meta(cls, key).get("choices"))
-    return cls(**kwargs)
+    options = cls(**kwargs)
+    check_choices(section, options)
+    return options
 
-
-def _check_choice(name: str, value: Any, choices: tuple[Any, ...] | None) -> None:
-    if choices and value not in choices:
-        raise ConfigError(
-            f"config key '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}"
-            f"{_hint(str(value), [str(c) for c in choices])}"
-        )
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:

@@ -10,6 +10,7 @@ from the options marked so, never from a hand-kept list. A leaf: it imports only
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,3 +110,17 @@ def output_params(config: Any, run: Any) -> dict[str, Any]:
         if output is True or (callable(output) and output(config, run)):
             params[f.name] = getattr(config, f.name)
     return params
+
+
+def check_choices(section: str, config: Any) -> None:
+    """Every option with `choices` holds one of them (the loader and every stage's constructor call
+    this, so options built in code are checked as strictly as options read from YAML)."""
+    for f in dataclasses.fields(config):
+        choices = field_meta(type(config), f.name).get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            raise ConfigError(
+                f"config key '{section}.{f.name}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+                + (f" (did you mean '{close[0]}'?)" if close else "")
+            )

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.options import output_params
+from pipeline.options import check_choices, output_params
 
 Row = dict[str, Any]
 
@@ -90,6 +90,8 @@ class Stage:
     def __init__(self, config: Any, run: Any) -> None:
         self.config = config
         self.run = run
+        if dataclasses.is_dataclass(config):
+            check_choices(self.name, config)
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             raise MissingDependency(

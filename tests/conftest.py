@@ -1,4 +1,6 @@
-"""Shared fixtures: media made at test time with ffmpeg, a 127.0.0.1 server, an embedded Ray."""
+"""Shared fixtures: media made at test time with ffmpeg (once per session), a 127.0.0.1 server, an
+embedded Ray, and factories for configs and input files. Tests take these as fixtures; nothing imports
+this module."""
 
 from __future__ import annotations
 
@@ -42,7 +44,14 @@ def ray_local():
     yield
 
 
-def make_config(tmp_path: Path, inputs: list[str], **sections: dict[str, Any]) -> Config:
+@pytest.fixture(scope="session")
+def make_config():
+    """make_config(tmp_path, inputs, **sections) -> Config: random weights, roots under tmp_path,
+    downloads allowed from 127.0.0.1 with short backoffs; `sections` override per stage."""
+    return _make_config
+
+
+def _make_config(tmp_path: Path, inputs: list[str], **sections: dict[str, Any]) -> Config:
     raw: dict[str, Any] = {
         "run": {
             "manifest_root": str(tmp_path / "manifests"),
@@ -59,12 +68,24 @@ def make_config(tmp_path: Path, inputs: list[str], **sections: dict[str, Any]) -
     return load_config_dict(raw)
 
 
-def write_lines(path: Path, lines: list[str]) -> str:
+@pytest.fixture(scope="session")
+def write_lines():
+    """write_lines(path, lines) -> str: a text input file, one line each."""
+    return _write_lines
+
+
+def _write_lines(path: Path, lines: list[str]) -> str:
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
 
-def copy_many(source: Path, folder: Path, n: int) -> list[str]:
+@pytest.fixture(scope="session")
+def copy_many():
+    """copy_many(source, folder, n) -> names: n copies of one video, for load and fault tests."""
+    return _copy_many
+
+
+def _copy_many(source: Path, folder: Path, n: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for i in range(n):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_config, write_lines
 
 from pipeline.manifest import ManifestStore
 from pipeline.runner import run_stage
@@ -17,7 +16,7 @@ from pipeline.tools.cli import main
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, server, ray_local):
+def run(tmp_path_factory, server, ray_local, make_config, write_lines):
     tmp = tmp_path_factory.mktemp("audit")
     urls = write_lines(tmp / "urls.txt", [
         f"{server.url}/moving.mp4", f"{server.url}/still.mp4", f"{server.url}/status/404/x.mp4",

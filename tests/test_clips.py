@@ -1,6 +1,5 @@
 
 import pytest
-from conftest import make_config
 
 from pipeline.config import ConfigError
 from pipeline.worker import StageWorker
@@ -21,13 +20,13 @@ def test_hop_and_max_clips():
     assert len(clip_windows(300.0, ClipsConfig(max_clips=4))) == 4
 
 
-def test_bad_options_fail_fast(tmp_path):
+def test_bad_options_fail_fast(tmp_path, make_config):
     cfg = make_config(tmp_path, ["x"])
     with pytest.raises(ConfigError, match="clips.last_partial"):
         Clips(ClipsConfig(last_partial="loop"), cfg.run)
 
 
-def test_worker_fans_out_and_accounts_for_every_video(tmp_path):
+def test_worker_fans_out_and_accounts_for_every_video(tmp_path, make_config):
     """Through the runner's worker: clip rows carry their video; a short video and one without
     duration still get exactly one row each."""
     cfg = make_config(tmp_path, ["x"])

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import write_lines
 
 from pipeline.manifest import ManifestStore
 from pipeline.tools import synth
@@ -31,7 +30,7 @@ sys.exit(code)
 VIDEOS = 3
 
 
-def test_every_stage_runs_on_a_two_node_cluster(tmp_path: Path, media_dir: Path, server):
+def test_every_stage_runs_on_a_two_node_cluster(tmp_path: Path, media_dir: Path, server, write_lines):
     folder = media_dir / "cluster"
     names = []
     for i in range(VIDEOS):  # 12 s: one full 10 s clip each after the fan-out

@@ -1,8 +1,6 @@
 from datetime import datetime, timezone
 from pathlib import Path
 
-from conftest import make_config
-
 from pipeline.manifest import ManifestStore, full_schema
 from pipeline.tools.cost import estimate
 from stages import STAGES
@@ -15,7 +13,7 @@ def rows(stage: str, n: int, elapsed: float, **columns) -> list[dict]:
             for i in range(n)]
 
 
-def test_cost_is_measured_seconds_per_media_hour_times_scale(tmp_path: Path):
+def test_cost_is_measured_seconds_per_media_hour_times_scale(tmp_path: Path, make_config):
     cfg = make_config(tmp_path, ["x"], download={"num_cpus": 0.5})
     store = ManifestStore(cfg.run.manifest_root)
     store.append("ingest", full_schema(STAGES["ingest"].schema), rows("ingest", 4, 0.0, duration_s=1800.0))

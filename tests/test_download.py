@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-from conftest import make_config, write_lines
 
 from pipeline.manifest import ManifestStore
 from pipeline.runner import run_stage
@@ -24,7 +23,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def downloaded(tmp_path_factory, server, ray_local):
+def downloaded(tmp_path_factory, server, ray_local, make_config, write_lines):
     tmp_path = tmp_path_factory.mktemp("download")
     urls = write_lines(tmp_path / "urls.txt", [f"{server.url}/{path}" for path in CASES])
     cfg = make_config(tmp_path, [urls], download={"retries": 2})
@@ -72,7 +71,7 @@ def test_rerun_does_nothing_and_says_so(downloaded, caplog):
     assert "nothing to do" in caplog.text
 
 
-def test_private_hosts_blocked_by_default(tmp_path: Path, server, ray_local):
+def test_private_hosts_blocked_by_default(tmp_path: Path, server, ray_local, make_config, write_lines):
     urls = write_lines(tmp_path / "urls.txt", [f"{server.url}/moving.mp4", "http://localhost:1/x.mp4"])
     cfg = make_config(tmp_path, [urls], download={"allow_private_hosts": False})
     run_stage("ingest", cfg, progress=False)
@@ -98,7 +97,7 @@ def test_error_classes(message, expected):
     assert classify(message) == expected
 
 
-def make_stage(tmp_path: Path, **download):
+def make_stage(tmp_path: Path, make_config, **download):
     from stages.download import Download
 
     cfg = make_config(tmp_path, ["x"], download=download)
@@ -107,8 +106,8 @@ def make_stage(tmp_path: Path, **download):
     return stage
 
 
-def test_options_are_passed_through_to_yt_dlp(tmp_path: Path):
-    stage = make_stage(tmp_path, rate_limit="2M", concurrency=4, cookies_file="c.txt", proxy="http://p:3128",
+def test_options_are_passed_through_to_yt_dlp(tmp_path: Path, make_config):
+    stage = make_stage(tmp_path, make_config, rate_limit="2M", concurrency=4, cookies_file="c.txt", proxy="http://p:3128",
                        user_agent="discomv-test", sections="*10-70")
     opts = stage._ydl_options("yt_dQw4w9WgXcQ")
     assert opts["ratelimit"] == 2 * 1024 * 1024 // 4
@@ -118,8 +117,8 @@ def test_options_are_passed_through_to_yt_dlp(tmp_path: Path):
     assert callable(opts["download_ranges"]) and callable(opts["match_filter"])
 
 
-def test_circuit_breaker_pauses_when_most_recent_attempts_fail(tmp_path: Path, monkeypatch):
-    stage = make_stage(tmp_path, breaker_window=4, breaker_threshold=0.75, breaker_cooldown_s=7)
+def test_circuit_breaker_pauses_when_most_recent_attempts_fail(tmp_path: Path, monkeypatch, make_config):
+    stage = make_stage(tmp_path, make_config, breaker_window=4, breaker_threshold=0.75, breaker_cooldown_s=7)
     slept = []
     monkeypatch.setattr("stages.download.time.sleep", slept.append)
     stage.recent.extend([True, True, False, False])

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import ray.cloudpickle
-from conftest import copy_many, make_config, write_lines
 
 from pipeline.manifest import ManifestStore
 from pipeline.runner import run_stage
@@ -52,7 +51,7 @@ class DieMidBatchInTasks(DieMidBatch):
 
 @pytest.mark.parametrize("stage_cls", [DieMidBatch, DieMidBatchInTasks], ids=["actor", "task"])
 def test_killed_worker_is_retried_and_rows_recorded_once(stage_cls, tmp_path: Path, media_dir: Path, server,
-                                                         ray_local):
+                                                         ray_local, make_config, write_lines, copy_many):
     names = copy_many(media_dir / "moving.mp4", media_dir / "faults", N)
     urls = write_lines(tmp_path / "urls.txt", [f"{server.url}/{n}?k={i:03d}" for i, n in enumerate(names)])
     cfg = make_config(tmp_path, [urls])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from conftest import copy_many, write_lines
 
 from pipeline.manifest import ManifestStore
 
@@ -50,7 +49,7 @@ def wait_until_quiet(server, quiet_s: float = 2.0, limit_s: float = 60.0) -> Cou
     raise AssertionError("the killed run kept fetching for a minute")
 
 
-def test_kill_during_download_then_resume(tmp_path: Path, media_dir: Path, server):
+def test_kill_during_download_then_resume(tmp_path: Path, media_dir: Path, server, write_lines, copy_many):
     names = copy_many(media_dir / "moving.mp4", media_dir / "resume", N)
     urls = write_lines(tmp_path / "urls.txt", [f"{server.url}/slow/150/{n}" for n in names])
     config = tmp_path / "config.yaml"
