@@ -143,7 +143,8 @@ def pipeline_outcome(config_path: Path) -> dict[str, Any]:
 def shard_keys(config_path: Path) -> tuple[set[str], list[str]]:
     """Sample keys in the shards, and verify()'s faults."""
     from pipeline.config import load_config
-    from pipeline.webds.index import read_shards, verify
+    from pipeline.webds.index import read_shards
+    from pipeline.webds.verify import verify
 
     root = Path(load_config(config_path).run.shard_root)
     keys = {key for info in read_shards(root).values() for key in info.keys}
