@@ -140,7 +140,8 @@ def pipeline_outcome(config_path: Path) -> dict[str, Any]:
 
 def shard_keys(config_path: Path) -> tuple[set[str], list[str]]:
     """Sample keys in the shards, and verify()'s faults."""
-    from pipeline.webds.index import read_shards, verify
+    from pipeline.webds.index import read_shards
+    from pipeline.webds.verify import verify
     from stages import load_config
 
     root = Path(load_config(config_path).run.shard_root)

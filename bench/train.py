@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import describe, record  # noqa: E402 - bench/ is the script's folder
 
 from trainer import train as train_mod  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 from trainer.model import count_params  # noqa: E402
 
 BATCH_SIZES = {"tiny": 4, "medium": 8, "300m": 16}
@@ -47,7 +48,7 @@ def write_shards(root: Path, samples: int, steps: int = 500, frames: int = 96, d
 def measure(config: str, shards: Path, out: Path, warmup: int, steps: int, threads: int) -> dict[str, float]:
     overrides = [f"data.batch_size={BATCH_SIZES[config]}", f"log_interval={warmup}", "eval_interval=1000000",
                  "ckpt_interval=1000000", f"cpu_threads={threads}", "data.shuffle_buffer=8"]
-    cfg = train_mod.load_config(config, overrides)
+    cfg = load_config(config, overrides)
     cfg.data.shards, cfg.out, cfg.steps = str(shards), str(out), warmup + steps
     result = train_mod.train(cfg)
     rows = [r for r in csv.DictReader((out / "log.csv").open()) if r["split"] == "train"]
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         shards.mkdir()
         write_shards(shards, samples=32)
         for config in configs:
-            cfg = train_mod.load_config(config, [])
+            cfg = load_config(config, [])
             print(f"{config}: {count_params(cfg.model) / 1e6:.1f}M params (at the preset's shapes)", file=sys.stderr)
             r = measure(config, shards, Path(tmp) / config, args.warmup, args.steps, args.threads)
             lines.append(f"| {config} | {r['params'] / 1e6:.1f}M | {r['batch']} | {args.threads} | "

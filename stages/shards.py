@@ -30,20 +30,15 @@ from pipeline.options import ConfigError, option
 from pipeline.stage import Resources, Result, Row, Stage
 from pipeline.timeline import STEPS
 from pipeline.webds.index import (
-    FileMember,
-    ShardError,
     ShardInfo,
-    TarShardWriter,
-    check_key,
     next_shard_number,
-    npy_artifact,
-    npy_bytes,
     read_shards,
     sidecar_path,
-    write_failure,
     write_index,
     write_sidecar,
 )
+from pipeline.webds.sample import ARRAY_MEMBERS, BEAT_ARRAYS, ShardError, check_key, npy_bytes
+from pipeline.webds.writer import FileMember, TarShardWriter, npy_artifact, write_failure
 
 log = logging.getLogger("discomv")
 Sample = dict[str, Any]  # member extension → bytes or FileMember, plus `__key__`
@@ -130,8 +125,8 @@ class Shards(Stage):
         key = check_key(row["key"])
         sample = {
             "__key__": key,
-            "tokens.npy": artifact(row, "tokens_path", "int16"),
-            "hiera.npy": artifact(row, "features_path", "float16"),
+            "tokens.npy": artifact(row, "tokens_path", "tokens.npy"),
+            "hiera.npy": artifact(row, "features_path", "hiera.npy"),
             **{f"{name}.npy": npy_bytes(array) for name, array in beat_arrays(row).items()},
             "json": json.dumps(provenance(row), default=str, ensure_ascii=False).encode(),
         }
@@ -222,23 +217,14 @@ def publish(root: Path, tmp: Path, info: ShardInfo) -> None:
         raise
 
 
-def artifact(row: Row, column: str, dtype: str) -> FileMember | bytes:
-    """The 2-D .npy file named in `column`, as `dtype`."""
+def artifact(row: Row, column: str, member: str) -> FileMember | bytes:
+    """The .npy file named in `column`, as the dtype and rank of sample member `member`."""
     try:
-        return npy_artifact(row[column], dtype, 2)
+        return npy_artifact(row[column], *ARRAY_MEMBERS[member])
     except (KeyError, TypeError, FileNotFoundError, IsADirectoryError) as e:
         raise ShardError(f"missing_artifact: {column} {row.get(column)!r} not found") from e
     except OSError as e:
         raise ShardError(f"unreadable_artifact: {column} {row.get(column)!r} ({e.strerror or e})") from e
-
-
-# Beat lists arrive as Python lists (rows cross Ray as JSON). struct packs 500 of them in ~6 µs,
-# numpy's list conversion takes ~14; struct also refuses out-of-range ints and non-integer flags.
-BEAT_ARRAYS = {  # member → (struct format of STEPS values, the .npy dtype they are read back as)
-    "music_beats": (struct.Struct(f"<{STEPS}b"), np.dtype("i1")),
-    "video_beats": (struct.Struct(f"<{STEPS}b"), np.dtype("i1")),
-    "beat_weights": (struct.Struct(f"<{STEPS}f"), np.dtype("<f4")),
-}
 
 
 def beat_arrays(row: Row) -> dict[str, np.ndarray]:
@@ -262,7 +248,7 @@ def beat_arrays(row: Row) -> dict[str, np.ndarray]:
     return arrays
 
 
-PROVENANCE_SKIP = {"music_beats", "video_beats", "beat_weights", "also_in", "input_file", "input_row"}
+PROVENANCE_SKIP = {*BEAT_ARRAYS, "also_in", "input_file", "input_row"}
 
 
 def provenance(row: Row) -> dict[str, Any]:

@@ -21,9 +21,12 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.webds import index as shard_index
-from pipeline.webds.index import FileMember, TarShardWriter, member_header, read_shards, verify
+from pipeline.webds import writer as shard_writer
+from pipeline.webds.index import read_shards
+from pipeline.webds.sample import ShardError
 from pipeline.webds.takedown import mark_in_manifests, remove_from_shards
+from pipeline.webds.verify import verify
+from pipeline.webds.writer import FileMember, TarShardWriter, member_header
 from stages.shards import Shards, ShardsConfig
 
 ARTISTS = ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"]
@@ -424,7 +427,7 @@ def tmpfs(path: Path, size: str):
 def writes_fail_after(monkeypatch, free: int):
     """The shard writer's writes hit ENOSPC once `free` bytes are written, after a short write,
     as on a real full disk; yields a function that gives the space back."""
-    real = shard_index.write_all
+    real = shard_writer.write_all
     left = [free]
 
     def write_all(fd: int, data: memoryview) -> None:
@@ -435,8 +438,8 @@ def writes_fail_after(monkeypatch, free: int):
         left[0] -= len(data)
         real(fd, data)
 
-    monkeypatch.setattr(shard_index, "write_all", write_all)
-    yield lambda _size: monkeypatch.setattr(shard_index, "write_all", real)
+    monkeypatch.setattr(shard_writer, "write_all", write_all)
+    yield lambda _size: monkeypatch.setattr(shard_writer, "write_all", real)
 
 
 @pytest.mark.parametrize("full", ["tmpfs", "failing_writes"])
@@ -468,7 +471,7 @@ def test_disk_full_fails_rows_clearly_leaves_no_partial_shard_and_rerun_complete
 @pytest.mark.parametrize("key", ["../escape", "a/b", ".hidden", "k\\x"])
 def test_the_writer_refuses_member_names_that_could_escape(tmp_path: Path, key: str):
     writer = TarShardWriter(tmp_path / "s.tar.tmp")
-    with pytest.raises(shard_index.ShardError, match="unsafe"):
+    with pytest.raises(ShardError, match="unsafe"):
         writer.write({"__key__": key, "json": b"{}"})
     writer.abort()
     assert not (tmp_path / "s.tar.tmp").exists()

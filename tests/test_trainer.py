@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
+from pipeline.webds.sample import load_npy
 from trainer import generate
 from trainer import train as train_mod
-from trainer.data import DataConfig, eval_batches, load_npy, train_loader
+from trainer.config import TrainConfig, load_config, set_key
+from trainer.data import DataConfig, eval_batches, train_loader
 from trainer.model import (
     ModelConfig,
     VideoToMusic,
@@ -69,12 +71,12 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("trainer") / "shards")
 
 
-def tiny_config(shards: Path, out: Path, steps: int, **top: object) -> train_mod.TrainConfig:
-    cfg = train_mod.load_config("tiny", [])
+def tiny_config(shards: Path, out: Path, steps: int, **top: object) -> TrainConfig:
+    cfg = load_config("tiny", [])
     cfg.data.shards, cfg.out, cfg.steps = str(shards), str(out), steps
     cfg.log_interval, cfg.eval_interval, cfg.ckpt_interval, cfg.eval_batches = 10, 1000, 1000, 1
     for key, value in top.items():
-        train_mod.set_key(cfg, key.replace("__", "."), value)
+        set_key(cfg, key.replace("__", "."), value)
     return cfg
 
 
@@ -150,7 +152,7 @@ def test_contrastive_term_is_differentiable_through_the_logits():
 
 
 def test_300m_config_is_about_300m_parameters():
-    cfg = train_mod.load_config("300m", [])
+    cfg = load_config("300m", [])
     assert 250e6 < count_params(cfg.model) < 350e6
 
 

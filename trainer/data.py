@@ -9,7 +9,6 @@ rank ever runs dry and ranks stay in step.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -23,8 +22,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from pipeline.webds.sample import ARRAY_MEMBERS, load_npy
+
 log = logging.getLogger("discomv.trainer")
-ARRAY_FIELDS = ("tokens.npy", "hiera.npy", "beat_weights.npy", "music_beats.npy", "video_beats.npy")
 
 
 @dataclass
@@ -58,13 +58,9 @@ def count_samples(root: str, split: str) -> int | None:
     return sum(n for s, n in zip(table["split"], table["num_samples"], strict=True) if s == split)
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Our own decoder: only the fields we use, .npy without pickle (webdataset's default would unpickle .pkl)."""
-    sample = {name.removesuffix(".npy"): load_npy(raw[name]) for name in ARRAY_FIELDS if name in raw}
+    sample = {name.removesuffix(".npy"): load_npy(raw[name]) for name in ARRAY_MEMBERS if name in raw}
     sample["key"] = raw["__key__"]
     sample["meta"] = json.loads(raw["json"]) if "json" in raw else {}
     return sample

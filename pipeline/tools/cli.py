@@ -212,7 +212,7 @@ def run_verify(cfg) -> int:
     from pathlib import Path
 
     from pipeline.manifest import ManifestStore
-    from pipeline.webds.index import verify
+    from pipeline.webds.verify import verify
 
     store = ManifestStore(cfg.run.manifest_root)
     sharded = set(store.ok_keys("shards")) if store.latest("shards") is not None else None

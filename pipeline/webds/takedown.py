@@ -8,14 +8,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.manifest import ManifestStore
-from pipeline.webds.index import (
-    TarShardWriter,
-    read_shards,
-    sidecar_path,
-    split_member,
-    write_index,
-    write_sidecar,
-)
+from pipeline.webds.index import read_shards, sidecar_path, write_index, write_sidecar
+from pipeline.webds.sample import split_member
+from pipeline.webds.writer import TarShardWriter
 
 
 def matches(clip_key: str, keys: set[str]) -> bool:
