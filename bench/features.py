@@ -71,7 +71,8 @@ def bench_stage(stage: Any, rows: list[dict[str, Any]], batches: list[int], conf
 def bench_tokens(root: Path, rows: list[dict[str, Any]], batches: list[int]) -> list[dict[str, Any]]:
     import numpy as np
 
-    from stages.tokens import Tokens, TokensConfig, encode
+    from pipeline.models.encodec import encode
+    from stages.tokens import Tokens, TokensConfig
 
     stage = Tokens(TokensConfig(), RunConfig(media_root=str(root), weights="random"))
     stage.setup()
@@ -84,7 +85,8 @@ def bench_tokens(root: Path, rows: list[dict[str, Any]], batches: list[int]) -> 
 
 
 def bench_features(root: Path, rows: list[dict[str, Any]], batches: list[int], model: str) -> list[dict[str, Any]]:
-    from stages.features import Features, FeaturesConfig, extract
+    from pipeline.models.hiera import extract
+    from stages.features import Features, FeaturesConfig
 
     stage = Features(FeaturesConfig(model=model), RunConfig(media_root=str(root), weights="random"))
     stage.setup()

@@ -416,7 +416,7 @@ def test_features_pick_vfr_frames_by_timestamp(tmp_path: Path, media: dict[str, 
     """25 fps for 2 s, then 5 fps: the frame on screen at 5 s is frame 50 + 3 × 5 = 65, where
     5 s × the average rate (8.4 fps) would give frame 42, shown at 1.68 s."""
     from pipeline.media.frames import FrameReader
-    from stages.features import resize_frame
+    from pipeline.models.hiera import resize_frame
 
     reader = FrameReader(media["vfr"])
     assert reader.indices_at([0.0, 1.0, 5.0, 11.8, 12.5]) == ([0, 25, 65, 99, 99], 4)

@@ -11,32 +11,30 @@ import pytest
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.media.frames import window_frame_indices
-from pipeline.models.weights import WeightsNotFound
-from pipeline.stage import Result
-from pipeline.tools import synth
-from stages.features import (
+from pipeline.models.encodec import (
+    ARCHITECTURES as CODEC_ARCHITECTURES,
+)
+from pipeline.models.encodec import (
+    CODEBOOK_SIZE,
+    decode,
+    encode,
+    randomize_codebooks,
+)
+from pipeline.models.hiera import (
     ARCHITECTURES as HIERA_ARCHITECTURES,
 )
-from stages.features import (
-    Features,
-    FeaturesConfig,
+from pipeline.models.hiera import (
     build_hiera,
     extract,
     hiera_stage,
     pool,
     to_windows,
 )
-from stages.tokens import (
-    ARCHITECTURES as CODEC_ARCHITECTURES,
-)
-from stages.tokens import (
-    CODEBOOK_SIZE,
-    Tokens,
-    TokensConfig,
-    decode,
-    encode,
-    randomize_codebooks,
-)
+from pipeline.models.weights import WeightsNotFound
+from pipeline.stage import Result
+from pipeline.tools import synth
+from stages.features import Features, FeaturesConfig
+from stages.tokens import Tokens, TokensConfig
 
 VIDEO_S = 14.0  # two 10 s clips: one whole, one 4 s long (6 s padded)
 SR = 32000

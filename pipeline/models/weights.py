@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +76,20 @@ def resolve(
     digest = sha256_file(Path(path))
     _check_lock(root, name, digest)
     return Weights(Path(path), PRETRAINED, digest)
+
+
+def hub_cached(repo: str, filenames: Sequence[str], beside: Sequence[str] = ()) -> Path | None:
+    """The first of `filenames` that the Hugging Face cache holds for `repo`, where every file in
+    `beside` (e.g. config.json) is cached next to it; None without huggingface_hub or a cached copy."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in filenames:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str) and all((Path(found).parent / other).is_file() for other in beside):
+            return Path(found)
+    return None
 
 
 def sha256_file(path: Path) -> str:
