@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import describe, record  # noqa: E402 - bench/ is the script's folder
 
-from pipeline.config import RunConfig  # noqa: E402
+from pipeline.options import RunConfig  # noqa: E402
 from pipeline.tools import synth  # noqa: E402
 
 CLIP_S = 10.0

@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, record  # noqa: E402 - bench/ is the script's folder
 
 from pipeline.media.frames import FrameReader, uniform_indices  # noqa: E402
+from pipeline.models.similarity import frame_similarity  # noqa: E402
 from pipeline.tools import synth  # noqa: E402
 from stages import load_config_dict  # noqa: E402
-from stages.filter import Filter, frame_similarity  # noqa: E402
+from stages.filter import Filter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("moving", "moving", "still", "slideshow")  # half moving, half static or slideshow

@@ -34,7 +34,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 from machine import describe, record  # noqa: E402 - bench/ is the script's folder
 
-from pipeline.config import RunConfig  # noqa: E402
+from pipeline.options import RunConfig  # noqa: E402
 from stages.shards import Shards, ShardsConfig  # noqa: E402
 
 CLIPS = int(os.environ.get("BENCH_CLIPS", "2000"))

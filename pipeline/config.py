@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.options import ConfigError, RunConfig, check_choices, field_meta, option
+from pipeline.options import ConfigError, RunConfig, check_choices, field_meta
 
-__all__ = ["Config", "ConfigError", "RunConfig", "describe", "load_config", "load_config_dict", "option"]
+__all__ = ["Config", "describe", "load_config", "load_config_dict", "load_section"]
 Registry = Mapping[str, type]  # stage name → Stage class (with its `Config` options dataclass)
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
+from pipeline.options import ConfigError
 from pipeline.stage import AUTO, STATUSES, Resources, Row, SourceStage, Stage
 from pipeline.worker import StageWorker, prepare_in_task, process_in_task
 

@@ -22,33 +22,43 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.media.frames import DECODERS, FrameReader, uniform_indices
+from pipeline.media.frames import DECODERS, FrameReader
 from pipeline.media.probe import MediaError
-from pipeline.models.precision import PRECISIONS, choose_precision, native_bf16
-from pipeline.models.weights import Weights, models_root, resolve
+from pipeline.models.clip import (
+    FRAME_SHORT_SIDE,
+    ClipEmbedder,
+    PixelEmbedder,
+    clip_input_side,
+    load_clip_embedder,
+    resolve_clip_weights,
+)
+from pipeline.models.precision import PRECISIONS
+from pipeline.models.similarity import (
+    SampledVideo,
+    distinct_frames,
+    grey_differences,
+    grey_thumbnails,
+    most_different_pictures,
+    partial_similarity,
+    same_picture,
+    sample_frames,
+    shrink_to_short_side,
+    video_similarity,
+)
 from pipeline.options import ConfigError, ModelWorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
 
 EMBEDDERS = ("clip", "pixels")
-THUMBNAIL_SIZE = 32  # grey thumbnails for the identical-frame check and blank detection
-PIXELS_SIZE = 16  # the pixels embedder's feature grid
-FRAME_SHORT_SIDE = 224  # frames are shrunk to the embedder's input side (this, for the pixels embedder)
-BLANK_STD = 3.0  # a thumbnail with less grey-level spread than this is a blank (black, white, flat) frame
-LEADER_PASSES = 4  # resampling passes that close in on the end of a blank leader
-CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
-RANDOM_SEED = 0  # random-init weights are the same on every worker, so scores are reproducible
 # fields prepare() adds to a row: the sampled frames [n, H, W, 3] uint8, and how they were read
 FRAMES, DECODED = "filter_frames", "filter_decoded"
 
@@ -103,19 +113,6 @@ class FilterConfig(ModelWorkerOptions):
     )
 
 
-@dataclass
-class SampledVideo:
-    """One video's sampled frames on their way through the checks and the embedder."""
-
-    key: str
-    frames: list[np.ndarray]
-    decoder: str
-    leader_skipped_s: float
-    differences: np.ndarray  # mean absolute grey difference between every two frames
-    same_as: np.ndarray  # frame i shows the same picture as frame same_as[i] (its first occurrence)
-    embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # first-occurrence frame → embedding
-
-
 class Filter(Stage):
     name = "filter"
     upstream = "download"
@@ -166,12 +163,12 @@ class Filter(Stage):
             self.weights_stamp = "none"
             sha256, precision = None, None
         else:
-            weights = resolve_clip_weights(c.model, c.pretrained, self.run.weights, self.run.models_root)
             device = "cuda" if c.num_gpus > 0 else "cpu"
-            precision = choose_precision(c.precision, native_bf16(device))
-            self.embedder = ClipEmbedder(c.model, c.pretrained, weights, device, c.embed_batch, precision)
-            self.weights_stamp = weights.stamp
-            sha256 = weights.sha256
+            self.embedder = load_clip_embedder(
+                c.model, c.pretrained, self.run.weights, self.run.models_root, device, c.precision, c.embed_batch
+            )
+            self.weights_stamp = self.embedder.weights.stamp
+            sha256, precision = self.embedder.weights.sha256, self.embedder.precision
         self.identity = {
             "embedder_model": self.embedder.model_name,
             "weights_sha256": sha256,
@@ -215,7 +212,7 @@ class Filter(Stage):
         try:
             reader = FrameReader(path, self.config.decoder)
             check_length(reader, self.config.min_duration_s)
-            read, start = self.read_frames(reader)
+            read, start = sample_frames(reader, self.config.frames, self.shrink, self.config.skip_blank_leader)
             frames = np.stack(read)
             decoded["leader_skipped_s"] = start / reader.fps if reader.fps else 0.0
         except MediaError as e:
@@ -240,31 +237,10 @@ class Filter(Stage):
         )
 
     def shrink(self, frame: np.ndarray) -> np.ndarray:
-        if not hasattr(self, "frame_side"):
-            self.frame_side = embedder_input_side(self.config)
+        if not hasattr(self, "frame_side"):  # the side the embedder resizes frames to
+            c = self.config
+            self.frame_side = clip_input_side(c.model) if c.embedder == "clip" else FRAME_SHORT_SIDE
         return shrink_to_short_side(frame, self.frame_side)
-
-    def read_frames(self, reader: FrameReader) -> tuple[list[np.ndarray], int]:
-        """`frames` frames spread uniformly from the first frame, or from the end of a blank leader
-        (when configured), and the index they start from."""
-        start = 0
-        indices = uniform_indices(start, reader.frame_count, self.config.frames)
-        frames = reader.read(indices, self.shrink)
-        if not self.config.skip_blank_leader:
-            return frames, start
-        for _ in range(LEADER_PASSES):
-            blank = leading_blanks(frames)
-            if blank == 0 or blank == len(frames):
-                break  # no leader; or nothing but blank frames, which the static check will judge
-            # the leader ends between the last blank sample and the next one: sample again from there
-            start = indices[blank - 1] + 1
-            indices = uniform_indices(start, reader.frame_count, self.config.frames)
-            frames = reader.read(indices, self.shrink)
-        else:
-            blank = leading_blanks(frames)
-            if 0 < blank < len(frames) - 1:  # leader frames the passes did not get past
-                frames, start = frames[blank:], indices[blank]
-        return frames, start
 
     # deciding ------------------------------------------------------------
 
@@ -349,34 +325,8 @@ class Filter(Stage):
         }
 
 
-# ---------------------------------------------------------------- checks and similarity math
+# ---------------------------------------------------------------- checks
 
-
-def embedder_input_side(c: FilterConfig) -> int:
-    """The side CLIP resizes frames to (224 for ViT-B-32), read from open_clip's model config."""
-    if c.embedder != "clip":
-        return FRAME_SHORT_SIDE
-    import open_clip
-
-    size = (open_clip.get_model_config(c.model) or {}).get("vision_cfg", {}).get("image_size", FRAME_SHORT_SIDE)
-    return int(size if isinstance(size, int) else max(size))
-
-
-def shrink_to_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
-    """A frame larger than the embedder needs, resized as soon as it is decoded (16 4K frames
-    would hold ~400 MB per video, and cross Ray as such from the decode tasks). The size and
-    filter are the ones CLIP's own preprocessing computes (shortest side to 224, PIL bicubic),
-    so its resize becomes a no-op and the embeddings are unchanged."""
-    height, width = frame.shape[:2]
-    if min(height, width) <= short_side:
-        return frame
-    from PIL import Image
-
-    if width <= height:
-        size = (short_side, int(short_side * height / width))
-    else:
-        size = (int(short_side * width / height), short_side)
-    return np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC))
 
 def check_config(c: FilterConfig) -> None:
     if c.decode_cpus is not None and c.decode_cpus < 0:
@@ -400,211 +350,4 @@ def check_length(reader: FrameReader, min_duration_s: float) -> None:
         )
 
 
-def grey_thumbnails(frames: list[np.ndarray]) -> np.ndarray:
-    import cv2
-
-    size = (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
-    return np.stack(
-        [cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for f in frames]
-    ).astype(np.float32)
-
-
-def grey_differences(thumbnails: np.ndarray) -> np.ndarray:
-    """Mean absolute grey difference (0-255) between every pair of thumbnails."""
-    flat = thumbnails.reshape(len(thumbnails), -1)
-    return np.abs(flat[:, None, :] - flat[None, :, :]).mean(axis=2)
-
-
-def same_picture(differences: np.ndarray, tolerance: float) -> np.ndarray:
-    """For each frame, the first frame showing the same picture (itself when none earlier does)."""
-    n = len(differences)
-    same_as = np.arange(n)
-    for i in range(1, n):
-        for first in np.unique(same_as[:i]):
-            if differences[i, first] <= tolerance:
-                same_as[i] = first
-                break
-    return same_as
-
-
-def distinct_frames(same_as: np.ndarray) -> int:
-    return len(np.unique(same_as))
-
-
-def leading_blanks(frames: list[np.ndarray]) -> int:
-    stds = grey_thumbnails(frames).reshape(len(frames), -1).std(axis=1)
-    blank = stds < BLANK_STD
-    return int(np.argmin(blank)) if not blank.all() else len(frames)
-
-
-def most_different_pictures(video: SampledVideo, k: int) -> list[int]:
-    """Up to k pictures (first-occurrence frames), each the one farthest in grey from those
-    already picked, starting from the two most different. Being spread out, they tend to score
-    lower than all frames together, so a high score among them is safe ground for an early drop."""
-    pictures = np.unique(video.same_as)
-    if len(pictures) <= k:
-        return [int(p) for p in pictures]
-    differences = video.differences[np.ix_(pictures, pictures)]
-    first, second = np.unravel_index(int(np.argmax(differences)), differences.shape)
-    picked = [int(first), int(second)]
-    while len(picked) < k:
-        nearest = differences[:, picked].min(axis=1)
-        nearest[picked] = -1.0
-        picked.append(int(np.argmax(nearest)))
-    return sorted(int(pictures[i]) for i in picked)
-
-
-def frame_similarity(embeddings: np.ndarray, same_as: np.ndarray | None = None) -> float:
-    """Mean cosine similarity over all ordered pairs (i, j), i != j, of frames.
-
-    `embeddings` holds one row per distinct picture; frame i's row is `same_as[i]` (default: one
-    row per frame). Two frames showing the same picture have similarity 1 by definition, which
-    also covers pictures whose feature vector is zero (a flat frame under the pixels embedder).
-    """
-    vectors = np.asarray(embeddings, dtype=np.float64)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = vectors / np.where(norms > 0, norms, 1.0)
-    picture_similarity = unit @ unit.T
-    np.fill_diagonal(picture_similarity, 1.0)
-    rows = np.arange(len(vectors)) if same_as is None else np.asarray(same_as)
-    pairs = picture_similarity[np.ix_(rows, rows)]
-    n = len(rows)
-    if n < 2:
-        raise ValueError("frame_similarity needs at least 2 frames")
-    return float((pairs.sum() - np.trace(pairs)) / (n * (n - 1)))
-
-
-def partial_similarity(video: SampledVideo) -> float | None:
-    """Similarity among the pictures embedded so far, each counted once; None once every picture
-    is embedded (the full score is then exact and cheap)."""
-    if len(video.embeddings) == distinct_frames(video.same_as):
-        return None
-    return frame_similarity(np.stack(list(video.embeddings.values())))
-
-
-def video_similarity(video: SampledVideo) -> float:
-    """frame_similarity over every frame read, from one embedding per picture."""
-    firsts = sorted(video.embeddings)
-    row_of = {first: row for row, first in enumerate(firsts)}
-    rows = np.array([row_of[int(first)] for first in video.same_as])
-    return frame_similarity(np.stack([video.embeddings[first] for first in firsts]), rows)
-
-
-# ---------------------------------------------------------------- embedders
-
-
-class PixelEmbedder:
-    """Weight-free stand-in for CLIP: each frame as a 16×16 colour image, centred on its own mean,
-    so similarity is the pixels' correlation (a brightness change alone does not lower it). It sees
-    the same picture looped, not the same scene re-framed: a camera pan scores as change."""
-
-    model_name = f"pixels-{PIXELS_SIZE}x{PIXELS_SIZE}"
-
-    def embed(self, frames: list[np.ndarray]) -> np.ndarray:
-        import cv2
-
-        size = (PIXELS_SIZE, PIXELS_SIZE)
-        features = np.stack(
-            [cv2.resize(f, size, interpolation=cv2.INTER_AREA).astype(np.float32).ravel() for f in frames]
-        )
-        return features - features.mean(axis=1, keepdims=True)
-
-
-class ClipEmbedder:
-    """open_clip's image tower only (the text tower is never needed), with open_clip's own
-    preprocessing for the pretrained tag, so scores match open_clip's encode_image."""
-
-    def __init__(
-        self, model: str, pretrained: str, weights: Weights, device: str, batch_frames: int, precision: str = "fp32"
-    ) -> None:
-        import open_clip
-        import torch
-
-        tag = open_clip.get_pretrained_cfg(model, pretrained)
-        with torch.random.fork_rng(devices=[]), _quiet_root_logger():
-            torch.manual_seed(RANDOM_SEED)
-            clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=bool(tag.get("quick_gelu")))
-        if weights.path is not None:
-            open_clip.load_checkpoint(clip, str(weights.path), weights_only=True)
-        self.device = torch.device(device)
-        # weights and inputs in bf16, not autocast: on CPU autocast re-casts every op (measured 2× slower than fp32)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.precision = precision
-        self.visual = clip.visual.eval().to(self.device, self.dtype)
-        self.preprocess = open_clip.image_transform(
-            self.visual.image_size,
-            is_train=False,
-            mean=tag.get("mean"),
-            std=tag.get("std"),
-            resize_mode=tag.get("resize_mode"),
-            interpolation=tag.get("interpolation"),
-        )
-        self.batch_frames = batch_frames
-        self.model_name = model if weights.is_random else f"{model}/{pretrained}"
-
-    def embed(self, frames: list[np.ndarray]) -> np.ndarray:
-        import torch
-        from PIL import Image
-
-        chunks = []
-        for start in range(0, len(frames), self.batch_frames):
-            images = [self.preprocess(Image.fromarray(f)) for f in frames[start : start + self.batch_frames]]
-            batch = torch.stack(images).to(self.device, self.dtype)
-            with torch.inference_mode():
-                features = self.visual(batch)
-            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
-        return np.concatenate(chunks)
-
-
-def resolve_clip_weights(model: str, pretrained: str, mode: str, root: str) -> Weights:
-    """`<models_root>/open_clip/<model>-<tag>/` (any of CHECKPOINT_NAMES) → the Hugging Face cache →
-    a download when online; `mode=random` builds the architecture randomly initialised."""
-    folder = models_root(root) / "open_clip" / f"{model}-{pretrained}"
-    filename = next((n for n in CHECKPOINT_NAMES if (folder / n).is_file()), CHECKPOINT_NAMES[-1])
-    hub_repo = _hub_repo(model, pretrained)
-    return resolve(
-        f"open_clip/{model}-{pretrained}",
-        mode,
-        models_root(root),
-        filename,
-        cache_lookup=(lambda: _hub_cache(hub_repo)) if hub_repo else None,
-        download=(lambda target: _hub_download(hub_repo, target)) if hub_repo else None,
-    )
-
-
-def _hub_repo(model: str, pretrained: str) -> str | None:
-    import open_clip
-
-    return (open_clip.get_pretrained_cfg(model, pretrained).get("hf_hub") or "").strip("/") or None
-
-
-def _hub_cache(repo: str) -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in CHECKPOINT_NAMES:
-        found = try_to_load_from_cache(repo, name)
-        if isinstance(found, str):
-            return Path(found)
-    return None
-
-
-def _hub_download(repo: str, target: Path) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(repo, CHECKPOINT_NAMES[-1], local_dir=target))
-
-
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """open_clip warns 'initialized randomly' on the root logger even when weights load next."""
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
-
-
-__all__ = ["Filter", "FilterConfig", "frame_similarity"]
+__all__ = ["Filter", "FilterConfig"]

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config
 
-from pipeline.config import ConfigError
 from pipeline.manifest import ManifestStore
+from pipeline.options import ConfigError
 from pipeline.runner import run_stage
 from pipeline.tools import synth
 from pipeline.tools.localserver import LocalServer

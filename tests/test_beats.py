@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import ConfigError, RunConfig
 from pipeline.manifest import ManifestStore, full_schema
+from pipeline.options import ConfigError, RunConfig
 from pipeline.tools import synth
 from pipeline.worker import StageWorker
 from stages.beats import (

@@ -1,7 +1,7 @@
 
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.options import ConfigError
 from pipeline.worker import StageWorker
 from stages.clips import Clips, ClipsConfig, clip_windows
 

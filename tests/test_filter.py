@@ -13,10 +13,11 @@ import pytest
 
 from pipeline.media.frames import FrameReader, uniform_indices
 from pipeline.media.probe import probe
+from pipeline.models.similarity import frame_similarity
 from pipeline.models.weights import WeightsNotFound
 from pipeline.tools import synth
 from stages import load_config_dict
-from stages.filter import Filter, frame_similarity
+from stages.filter import Filter
 
 SIZE = "160x120"
 
@@ -265,7 +266,7 @@ def test_early_drop_embeds_only_the_most_different_pictures(pixels_stage: Filter
 
 
 def test_most_different_pictures_spread_out() -> None:
-    from stages.filter import SampledVideo, most_different_pictures
+    from pipeline.models.similarity import SampledVideo, most_different_pictures
 
     positions = np.array([0.0, 1.0, 2.0, 10.0, 11.0])
     video = SampledVideo(
@@ -325,7 +326,7 @@ def test_clip_embeddings_match_open_clip_encode_image(clip_stage: Filter, videos
 def test_large_frames_are_shrunk_at_decode_without_changing_clip_embeddings(clip_stage: Filter) -> None:
     """4K frames are resized to CLIP's input side as they are decoded (bounded memory), with the
     size and filter CLIP's preprocessing uses: the embeddings are bit-identical."""
-    from stages.filter import shrink_to_short_side
+    from pipeline.models.similarity import shrink_to_short_side
 
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (2160, 3840, 3), dtype=np.uint8), rng.integers(0, 256, (720, 400, 3), dtype=np.uint8)]

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config, write_lines
 
-from pipeline.config import ConfigError
+from pipeline.options import ConfigError
 from stages.ingest import Ingest, InputError, canonical
 
 

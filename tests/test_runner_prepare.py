@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import ConfigError
 from pipeline.manifest import ManifestStore, full_schema
+from pipeline.options import ConfigError
 from pipeline.runner import run_stage
 from pipeline.stage import Result, Row, Stage
 from pipeline.tools import synth

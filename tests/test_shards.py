@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.config import RunConfig
 from pipeline.manifest import ManifestStore, full_schema
+from pipeline.options import RunConfig
 from pipeline.webds import writer as shard_writer
 from pipeline.webds.index import read_shards
 from pipeline.webds.sample import ShardError

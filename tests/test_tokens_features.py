@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, RunConfig
 from pipeline.media.frames import window_frame_indices
 from pipeline.models.encodec import (
     ARCHITECTURES as CODEC_ARCHITECTURES,
@@ -31,6 +30,7 @@ from pipeline.models.hiera import (
     to_windows,
 )
 from pipeline.models.weights import WeightsNotFound
+from pipeline.options import ConfigError, RunConfig
 from pipeline.stage import Result
 from pipeline.tools import synth
 from stages.features import Features, FeaturesConfig

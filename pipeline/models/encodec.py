@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError
 from pipeline.models.weights import Weights, hub_cached, models_root, resolve
+from pipeline.options import ConfigError
 from pipeline.timeline import STEP_HZ
 
 SAMPLE_RATE = 32000

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError
 from pipeline.models.weights import Weights, models_root, resolve
+from pipeline.options import ConfigError
 
 WINDOW_FRAMES = 16  # Hiera video models see 16-frame windows
 TEMPORAL_STRIDE = 2  # their patch embedding halves time: 8 steps per window

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, describe
+from pipeline.config import describe
+from pipeline.options import ConfigError, RunConfig
 from stages import load_config
 
 log = logging.getLogger("discomv")
