@@ -53,6 +53,7 @@ from pipeline.models.similarity import (
     shrink_to_short_side,
     video_similarity,
 )
+from pipeline.models.weights import pick_device
 from pipeline.options import ConfigError, ModelWorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
@@ -163,9 +164,9 @@ class Filter(Stage):
             self.weights_stamp = "none"
             sha256, precision = None, None
         else:
-            device = "cuda" if c.num_gpus > 0 else "cpu"
             self.embedder = load_clip_embedder(
-                c.model, c.pretrained, self.run.weights, self.run.models_root, device, c.precision, c.embed_batch
+                c.model, c.pretrained, self.run.weights, self.run.models_root, pick_device(c.device, c.num_gpus),
+                c.precision, c.embed_batch, c.seed,
             )
             self.weights_stamp = self.embedder.weights.stamp
             sha256, precision = self.embedder.weights.sha256, self.embedder.precision

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.models.precision import choose_precision, native_bf16
-from pipeline.models.weights import Weights, models_root, resolve
+from pipeline.models.weights import Weights, hub_cached, models_root, resolve
 
 PIXELS_SIZE = 16  # the pixels embedder's feature grid
 FRAME_SHORT_SIDE = 224  # frames are shrunk to the embedder's input side (this, for the pixels embedder)
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
-RANDOM_SEED = 0  # random-init weights are the same on every worker, so scores are reproducible
 
 
 def clip_input_side(model: str) -> int:
@@ -53,14 +52,16 @@ class ClipEmbedder:
     preprocessing for the pretrained tag, so scores match open_clip's encode_image."""
 
     def __init__(
-        self, model: str, pretrained: str, weights: Weights, device: str, batch_frames: int, precision: str = "fp32"
+        self, model: str, pretrained: str, weights: Weights, device: str, batch_frames: int, precision: str = "fp32",
+        seed: int = 0,
     ) -> None:
+        """`seed` makes random-init weights identical on every worker, so scores are reproducible."""
         import open_clip
         import torch
 
         tag = open_clip.get_pretrained_cfg(model, pretrained)
         with torch.random.fork_rng(devices=[]), _quiet_root_logger():
-            torch.manual_seed(RANDOM_SEED)
+            torch.manual_seed(seed)
             clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=bool(tag.get("quick_gelu")))
         if weights.path is not None:
             open_clip.load_checkpoint(clip, str(weights.path), weights_only=True)
@@ -96,13 +97,14 @@ class ClipEmbedder:
 
 
 def load_clip_embedder(
-    model: str, pretrained: str, weights_mode: str, root: str, device: str, precision: str, batch_frames: int
+    model: str, pretrained: str, weights_mode: str, root: str, device: str, precision: str, batch_frames: int,
+    seed: int = 0,
 ) -> ClipEmbedder:
     """Resolve the weights (`weights_mode`: pretrained | random) and build the embedder in
     `precision` (auto: bf16 only where `device` computes it natively)."""
     weights = resolve_clip_weights(model, pretrained, weights_mode, root)
     chosen = choose_precision(precision, native_bf16(device))
-    return ClipEmbedder(model, pretrained, weights, device, batch_frames, chosen)
+    return ClipEmbedder(model, pretrained, weights, device, batch_frames, chosen, seed)
 
 
 def resolve_clip_weights(model: str, pretrained: str, mode: str, root: str) -> Weights:
@@ -116,7 +118,7 @@ def resolve_clip_weights(model: str, pretrained: str, mode: str, root: str) -> W
         mode,
         models_root(root),
         filename,
-        cache_lookup=(lambda: _hub_cache(hub_repo)) if hub_repo else None,
+        cache_lookup=(lambda: hub_cached(hub_repo, CHECKPOINT_NAMES)) if hub_repo else None,
         download=(lambda target: _hub_download(hub_repo, target)) if hub_repo else None,
     )
 
@@ -125,18 +127,6 @@ def _hub_repo(model: str, pretrained: str) -> str | None:
     import open_clip
 
     return (open_clip.get_pretrained_cfg(model, pretrained).get("hf_hub") or "").strip("/") or None
-
-
-def _hub_cache(repo: str) -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in CHECKPOINT_NAMES:
-        found = try_to_load_from_cache(repo, name)
-        if isinstance(found, str):
-            return Path(found)
-    return None
 
 
 def _hub_download(repo: str, target: Path) -> Path:
