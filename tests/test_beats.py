@@ -10,12 +10,7 @@ import pytest
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.runner import StageWorker
-from pipeline.tools import synth
-from stages import STAGES
-from stages.beats import (
-    Beats,
-    BeatsConfig,
+from pipeline.media.beatgrid import (
     alignment_score,
     beat_overlap,
     beat_weights,
@@ -23,6 +18,10 @@ from stages.beats import (
     load_beats,
     window_peaks,
 )
+from pipeline.runner import StageWorker
+from pipeline.tools import synth
+from stages import STAGES
+from stages.beats import Beats, BeatsConfig
 from stages.clips import ClipsConfig, clip_windows
 
 PERIODIC = [0.3 + 0.5 * i for i in range(40)]  # 120 BPM, off the clip edges: steps 15, 40, 65, ...
