@@ -9,12 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.manifest import ManifestStore, full_schema
-from pipeline.options import ConfigError, RunConfig
-from pipeline.tools import synth
-from pipeline.worker import StageWorker
-from stages.beats import (
-    Beats,
-    BeatsConfig,
+from pipeline.media.beatgrid import (
     alignment_score,
     beat_overlap,
     beat_weights,
@@ -22,6 +17,10 @@ from stages.beats import (
     load_beats,
     window_peaks,
 )
+from pipeline.options import ConfigError, RunConfig
+from pipeline.tools import synth
+from pipeline.worker import StageWorker
+from stages.beats import Beats, BeatsConfig
 from stages.clips import ClipsConfig, clip_windows
 
 PERIODIC = [0.3 + 0.5 * i for i in range(40)]  # 120 BPM, off the clip edges: steps 15, 40, 65, ...

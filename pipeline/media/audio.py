@@ -109,8 +109,15 @@ def _read_window_soundfile(path: Path, start_s: float, samples: int, sample_rate
 
     if sf.info(str(path)).samplerate != sample_rate:
         raise ValueError("sample rate differs")  # ffmpeg resamples
-    data, _ = sf.read(str(path), start=round(start_s * sample_rate), frames=samples, dtype="float32",
-                      always_2d=True)
+    return read_soundfile_window(path, round(start_s * sample_rate), samples)
+
+
+def read_soundfile_window(path: str | Path, first: int, samples: int) -> Any:
+    """Up to `samples` mono float32 samples from sample `first`, at the file's own rate (fewer, or
+    none, past its end). Raises soundfile's errors (RuntimeError) for a file it cannot read."""
+    import soundfile as sf
+
+    data, _ = sf.read(str(path), start=first, frames=samples, dtype="float32", always_2d=True)
     return data.mean(axis=1)
 
 
@@ -127,3 +134,25 @@ def _read_window_ffmpeg(path: Path, start_s: float, samples: int, sample_rate: i
         raise MediaError(f"unreadable: soundfile: {first_error}; ffmpeg: {err[-1][:200] if err else 'no output'}")
     usable = len(out.stdout) - len(out.stdout) % 4
     return np.frombuffer(out.stdout[:usable], dtype=np.float32)[:samples]
+
+
+def read_audio_with_context(
+    path: str | Path, start_s: float, clip_s: float, context_s: float
+) -> tuple[Any, int, int, int]:
+    """(mono float32 at the file's own rate from `context_s` before `start_s` (less at the file's
+    start) to the clip end, zero-padded past the end of the file; sample rate; samples before
+    `start_s`; samples of silence padded at the end). soundfile only: no resampling.
+    Raises MediaError (`unreadable_audio: …`) when soundfile cannot read the file."""
+    import numpy as np
+    import soundfile as sf
+
+    try:
+        sample_rate = sf.info(str(path)).samplerate
+        start = int(round(start_s * sample_rate))
+        context = min(start, int(context_s * sample_rate))
+        wanted = context + int(round(clip_s * sample_rate))
+        mono = read_soundfile_window(path, start - context, wanted)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise MediaError(f"unreadable_audio: {e}") from e
+    padded = wanted - len(mono)
+    return np.pad(mono, (0, padded)), sample_rate, context, padded

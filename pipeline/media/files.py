@@ -20,3 +20,13 @@ def save_npy_atomic(path: str | Path, array: Any) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def save_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """np.savez under a temporary name, then rename: no partial file under the final name."""
+    import numpy as np
+
+    partial = path.with_name(path.name + ".part")
+    with open(partial, "wb") as f:
+        np.savez(f, **arrays)
+    partial.replace(path)

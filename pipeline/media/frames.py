@@ -202,3 +202,56 @@ def window_frame_indices(
     wanted = [round((start_s + i / sample_fps) * video_fps) for i in range(count)]
     inside = sum(1 for index in wanted if index < frame_count)
     return [min(max(index, 0), frame_count - 1) for index in wanted], inside
+
+
+def read_clip_frames(
+    path: str | Path, start_s: float, clip_s: float, fps: float, width: int, height: int, rgb: bool,
+    timeout_s: float = 300.0,
+) -> Any:
+    """Frames at `fps` from `start_s`, scaled to width x height, grey (N, H, W) or RGB (N, H, W, 3)
+    uint8: frame j is the picture on screen at start_s + j / fps.
+
+    One ffmpeg process, `-ss start -t clip -vf fps=…:round=up,scale`, piped as raw pixels: on a
+    640x360 H.264 clip that is 0.27 s against 0.44-0.59 s for decord seeking to the 96 frame
+    indices plus resizing, and it selects frames by timestamp (right for variable frame rates) and
+    applies the rotation metadata, as decord does. `round=up` makes frame j exactly the frame on
+    screen at its time (checked against a frame-numbered video).
+    Raises MediaError (`unreadable_video: …`, `decode_timeout: …`)."""
+    import numpy as np
+
+    pix_fmt, channels = ("rgb24", 3) if rgb else ("gray", 1)
+    cmd = [
+        "ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-ss", f"{start_s:.6f}", "-t", f"{clip_s:.6f}",
+        "-i", str(path), "-map", "0:v:0", "-an", "-sn",
+        "-vf", f"fps={fps}:round=up,scale={width}:{height}:flags=area,format={pix_fmt}",
+        "-f", "rawvideo", "-pix_fmt", pix_fmt, "pipe:1",
+    ]
+    out = run_tool(cmd, timeout_s, f"decode_timeout: ffmpeg took more than {timeout_s:.0f}s")
+    frame_bytes = width * height * channels
+    count = len(out.stdout) // frame_bytes
+    if out.returncode != 0 or count == 0:
+        err = out.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = err[-1][:200] if err else f"exit {out.returncode}, no frames"
+        raise MediaError(f"unreadable_video: ffmpeg decoded {count} frames ({detail})")
+    frames = np.frombuffer(out.stdout[: count * frame_bytes], dtype=np.uint8)
+    return frames.reshape((count, height, width, channels) if rgb else (count, height, width))
+
+
+def pad_frames(frames: Any, n_frames: int) -> Any:
+    """Repeat the last frame up to `n_frames`: a held picture has no motion, so no beats."""
+    import numpy as np
+
+    missing = n_frames - len(frames)
+    if missing <= 0:
+        return frames
+    return np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)])
+
+
+def grey(frames: Any) -> Any:
+    """(N, H, W) grey frames as they are; (N, H, W, 3) RGB frames converted to grey."""
+    import cv2
+    import numpy as np
+
+    if frames.ndim == 3:
+        return frames
+    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
