@@ -27,8 +27,9 @@ sys.path.insert(0, str(REPO))
 
 from machine import describe, record  # noqa: E402 - bench/ is the script's folder
 
+from pipeline.models.demucs import build_random_htdemucs, save_repo_model  # noqa: E402
 from pipeline.tools import synth  # noqa: E402
-from stages.separate import Separate, SeparateConfig, build_random_htdemucs, save_repo_model  # noqa: E402
+from stages.separate import Separate, SeparateConfig  # noqa: E402
 
 MODEL_NAME = "htdemucs"
 SIGNATURE = "5eed0001"

@@ -22,13 +22,9 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
+from pipeline.models.demucs import build_random_htdemucs, save_repo_model
 from pipeline.tools import synth
-from stages.separate import (
-    Separate,
-    SeparateConfig,
-    build_random_htdemucs,
-    save_repo_model,
-)
+from stages.separate import Separate, SeparateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
