@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
 from pipeline.options import ConfigError
 from pipeline.stage import AUTO, STATUSES, Resources, Row, SourceStage, Stage
-from pipeline.worker import StageWorker, prepare_in_task, process_in_task
+from pipeline.worker import WireStageWorker, prepare_in_task, process_in_task
 
 log = logging.getLogger("discomv")
 FLUSH_SECONDS = 3.0
@@ -201,7 +201,7 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
                   memory=res.memory_bytes or None)
     if res.concurrency is not None:
         ds = ds.map_batches(
-            StageWorker.from_wire,
+            WireStageWorker,
             fn_constructor_args=(stage_cls, name, config_json),
             compute=ray.data.ActorPoolStrategy(size=res.concurrency),
             **common,

@@ -33,11 +33,6 @@ class StageWorker:
         self.allowed = set(type(stage).schema.names)
         self.node = _node_id()
 
-    @classmethod
-    def from_wire(cls, stage_cls: type[Stage], name: str, config_json: str) -> StageWorker:
-        """Inside Ray: the stage rebuilt from the run's config as JSON (plain data crosses, not objects)."""
-        return cls(build_stage(stage_cls, name, config_json))
-
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = unpack_rows(batch)
         results = self.process_safely(rows)
@@ -96,7 +91,15 @@ class StageWorker:
         return out
 
 
-_WORKERS: dict[tuple[int, str, str], StageWorker] = {}
+class WireStageWorker(StageWorker):
+    """The worker as Ray builds it in an actor or task process: from the stage class and the run's
+    config as JSON (plain data crosses to the worker, not objects)."""
+
+    def __init__(self, stage_cls: type[Stage], name: str, config_json: str) -> None:
+        super().__init__(build_stage(stage_cls, name, config_json))
+
+
+_WORKERS: dict[tuple[int, str, str], WireStageWorker] = {}
 _PREPARERS: dict[tuple[int, str, str], Stage] = {}
 
 
@@ -158,7 +161,7 @@ def process_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, co
     # Ray reuses worker processes, so a stage built once per process is reused across tasks.
     key = (id(stage_cls), name, config_json)
     if key not in _WORKERS:
-        _WORKERS[key] = StageWorker.from_wire(stage_cls, name, config_json)
+        _WORKERS[key] = WireStageWorker(stage_cls, name, config_json)
     return _WORKERS[key](batch)
 
 

@@ -69,6 +69,18 @@ def _make_config(tmp_path: Path, inputs: list[str], **sections: dict[str, Any]) 
 
 
 @pytest.fixture(scope="session")
+def make_stage(make_config):
+    """make_stage(tmp_path, name, inputs=["unused"], **options) -> the stage, built the way the runner
+    builds it (options checked), from a test config with `options` as its section."""
+
+    def build(tmp_path: Path, name: str, inputs: list[str] | None = None, **options: Any) -> Any:
+        cfg = make_config(tmp_path, inputs or ["unused"], **{name: options})
+        return cfg.registry[name](cfg.stage(name), cfg.run)
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def write_lines():
     """write_lines(path, lines) -> str: a text input file, one line each."""
     return _write_lines

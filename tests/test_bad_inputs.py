@@ -24,7 +24,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_config
 
 from pipeline.manifest import ManifestStore
 from pipeline.options import ConfigError
@@ -202,7 +201,8 @@ SERVED = ("empty", "truncated", "audio_only", "video_only", "corrupt_audio", "te
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory, media: dict[str, Path], ray_local: None) -> dict[str, Any]:
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, media: dict[str, Path], ray_local: None,
+                 make_config) -> dict[str, Any]:
     """ingest (URL list, id list, sparse DISCO parquet) then download, both through the runner."""
     tmp = tmp_path_factory.mktemp("bad_inputs_run")
     marker = tmp / "pwned"
@@ -241,7 +241,10 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, media: dict[str, Path
             "disco_rows": sorted((r for r in ingest if r["source"] == "disco10m"), key=lambda r: r["input_row"])}
 
 
-def ingest_outcomes(run: dict[str, Any], tmp: Path) -> dict[str, tuple[str, str]]:
+def ingest_outcomes(run: dict[str, Any], tmp: Path, make_stage) -> dict[str, tuple[str, str]]:
+    def source_rows(tmp: Path, inputs: list[str]) -> list[dict[str, Any]]:
+        return make_stage(tmp, "ingest", inputs).source_rows()
+
     out = {name: (row["status"], row["reason"] or "") for name, row in run["by_name"].items()}
     sparse = run["disco_rows"]
     out["disco_sparse"] = ("ok", "") if [r["status"] for r in sparse] == ["ok", "ok"] else ("failed", str(sparse))
@@ -251,11 +254,6 @@ def ingest_outcomes(run: dict[str, Any], tmp: Path) -> dict[str, tuple[str, str]
     (tmp / "empty.txt").write_bytes(b"")
     out["empty_list"] = fatal(lambda: source_rows(tmp, [str(tmp / "empty.txt")]))
     return out
-
-
-def source_rows(tmp: Path, inputs: list[str]) -> list[dict[str, Any]]:
-    cfg = make_config(tmp, inputs)
-    return STAGES["ingest"](cfg.stage("ingest"), cfg.run).source_rows()
 
 
 def fatal(action: Any) -> tuple[str, str]:
@@ -277,28 +275,33 @@ def download_outcomes(run: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {name: (row["status"], row["reason"] or "") if row else ("no row", "") for name, row in rows.items()}
 
 
-def private_host_outcomes(tmp: Path) -> dict[str, tuple[str, str]]:
+def private_host_outcomes(stage_worker, tmp: Path) -> dict[str, tuple[str, str]]:
     urls = {"localhost": "http://localhost:9/x.mp4", "private_ip": "http://10.1.2.3/x.mp4",
             "metadata": "http://169.254.169.254/latest/meta-data/", "ipv6": "http://[::1]:9/x.mp4",
             "file": "file:///etc/passwd"}
     rows = [{"key": f"url_{name}", "url": url} for name, url in urls.items()]
-    results = worker("download", tmp, allow_private_hosts=False).process_safely(rows)
+    results = stage_worker("download", tmp, allow_private_hosts=False).process_safely(rows)
     return {r["key"][4:]: (r["status"], r["reason"]) for r in results}
 
 
 # ---------------------------------------------------------------- the other stages, one mixed batch each
 
 
-def worker(name: str, tmp: Path, **options: Any) -> StageWorker:
-    cfg = make_config(tmp, ["unused"], **{name: {**MODELS.get(name, {}), **options}})
-    return StageWorker(STAGES[name](cfg.stage(name), cfg.run))
+@pytest.fixture(scope="module")
+def stage_worker(make_stage):
+    """stage_worker(name, tmp, **options): the runner's worker around a stage with the small test models."""
+
+    def build(name: str, tmp: Path, **options: Any) -> StageWorker:
+        return StageWorker(make_stage(tmp, name, **{**MODELS.get(name, {}), **options}))
+
+    return build
 
 
-def run_batch(name: str, tmp: Path, rows: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
+def run_batch(stage_worker, name: str, tmp: Path, rows: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
     """One batch of every input of a stage, with the input's name as its key; for the clips fan-out,
     the first result of each video."""
     keyed = [{**row, "key": input_name} for input_name, row in rows.items()]
-    results = worker(name, tmp / name).process_safely(keyed)
+    results = stage_worker(name, tmp / name).process_safely(keyed)
     out: dict[str, tuple[str, str]] = {}
     for result in results:
         input_name = result["video_key"] if name == "clips" else result["key"]
@@ -318,33 +321,33 @@ def clip_row(video: Path, audio: Path, start_s: float = 0.0, duration_s: float =
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory, media: dict[str, Path],
-             pipeline_run: dict[str, Any]) -> dict[str, dict[str, tuple[str, str]]]:
+def outcomes(tmp_path_factory: pytest.TempPathFactory, media: dict[str, Path], pipeline_run: dict[str, Any],
+             make_stage, stage_worker) -> dict[str, dict[str, tuple[str, str]]]:
     tmp = tmp_path_factory.mktemp("bad_inputs_stages")
     m = media
     music = m["music32k"]
     return {
-        "ingest": ingest_outcomes(pipeline_run, tmp),
+        "ingest": ingest_outcomes(pipeline_run, tmp, make_stage),
         "config": config_outcomes(tmp),
         "download": download_outcomes(pipeline_run),
-        "download_private": private_host_outcomes(tmp),
-        "filter": run_batch("filter", tmp, video_rows(m, [
+        "download_private": private_host_outcomes(stage_worker, tmp),
+        "filter": run_batch(stage_worker, "filter", tmp, video_rows(m, [
             "moving", "empty", "garbage", "audio_only", "short", "missing", "one_by_one", "uhd", "vfr", "rotated",
             "ten_hours"])),
-        "separate": run_batch("separate", tmp, video_rows(m, ["empty", "video_only", "corrupt_audio", "silent",
+        "separate": run_batch(stage_worker, "separate", tmp, video_rows(m, ["empty", "video_only", "corrupt_audio", "silent",
                                                               "mono8k"])),
-        "clips": run_batch("clips", tmp, {"ten_hours": {"media_duration_s": 36000.128, "audio_duration_s": 36000.0},
+        "clips": run_batch(stage_worker, "clips", tmp, {"ten_hours": {"media_duration_s": 36000.128, "audio_duration_s": 36000.0},
                                           "short": {"media_duration_s": 1.0}, "no_duration": {}}),
-        "beats": run_batch("beats", tmp, {
+        "beats": run_batch(stage_worker, "beats", tmp, {
             "vfr": clip_row(m["vfr"], music), "rotated": clip_row(m["rotated"], music),
             "one_by_one": clip_row(m["one_by_one"], music, duration_s=4.0),
             "uhd": clip_row(m["uhd"], music, duration_s=2.0),
             "silent": clip_row(m["vfr"], m["silent32k"]), "mono8k": clip_row(m["vfr"], m["mono8k_flac"]),
             "empty": clip_row(m["vfr"], m["empty_flac"]), "past_end": clip_row(m["vfr"], music, start_s=20.0)}),
-        "tokens": run_batch("tokens", tmp, {
+        "tokens": run_batch(stage_worker, "tokens", tmp, {
             "silent": clip_row(m["vfr"], m["silent32k"]), "mono8k": clip_row(m["vfr"], m["mono8k_flac"]),
             "empty": clip_row(m["vfr"], m["empty_flac"]), "short": clip_row(m["vfr"], m["short32k"])}),
-        "features": run_batch("features", tmp, {
+        "features": run_batch(stage_worker, "features", tmp, {
             "vfr": clip_row(m["vfr"], music), "rotated": clip_row(m["rotated"], music),
             "one_by_one": clip_row(m["one_by_one"], music, duration_s=4.0),
             "uhd": clip_row(m["uhd"], music, duration_s=2.0), "empty": clip_row(m["empty"], music),
@@ -396,11 +399,11 @@ def test_failed_downloads_leave_no_file(pipeline_run: dict[str, Any]) -> None:
     assert videos == ok
 
 
-def test_features_resize_4k_frames_as_they_are_decoded(tmp_path: Path, media: dict[str, Path]) -> None:
+def test_features_resize_4k_frames_as_they_are_decoded(tmp_path: Path, media: dict[str, Path], stage_worker) -> None:
     """10 distinct 3840x2160 frames are 237 MiB as RGB; resized as decoded the clip stays small."""
     import tracemalloc
 
-    stage = worker("features", tmp_path).stage
+    stage = stage_worker("features", tmp_path).stage
     tracemalloc.start()
     try:
         clip = stage.read_clip({**clip_row(media["uhd"], media["music32k"], duration_s=2.0), "key": "uhd"})
@@ -412,7 +415,7 @@ def test_features_resize_4k_frames_as_they_are_decoded(tmp_path: Path, media: di
     assert peak < 80 * 2**20
 
 
-def test_features_pick_vfr_frames_by_timestamp(tmp_path: Path, media: dict[str, Path]) -> None:
+def test_features_pick_vfr_frames_by_timestamp(tmp_path: Path, media: dict[str, Path], stage_worker) -> None:
     """25 fps for 2 s, then 5 fps: the frame on screen at 5 s is frame 50 + 3 × 5 = 65, where
     5 s × the average rate (8.4 fps) would give frame 42, shown at 1.68 s."""
     from pipeline.media.frames import FrameReader
@@ -420,7 +423,7 @@ def test_features_pick_vfr_frames_by_timestamp(tmp_path: Path, media: dict[str, 
 
     reader = FrameReader(media["vfr"])
     assert reader.indices_at([0.0, 1.0, 5.0, 11.8, 12.5]) == ([0, 25, 65, 99, 99], 4)
-    stage = worker("features", tmp_path).stage
+    stage = stage_worker("features", tmp_path).stage
     clip = stage.read_clip({**clip_row(media["vfr"], media["music32k"]), "key": "vfr"})
     [expected] = reader.read([65], transform=lambda frame: resize_frame(frame, "center"))
     assert (clip.frames[48] == expected).all()  # frame 48 of the clip: 48 / 9.6 fps = 5 s
@@ -482,7 +485,7 @@ def test_ten_hour_static_video_takes_bounded_time_and_memory(media: dict[str, Pa
 
 
 def test_separate_refuses_a_too_long_track_before_decoding_it(tmp_path: Path, media: dict[str, Path],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch, stage_worker) -> None:
     import stages.separate
     from pipeline.media.probe import MediaError
 
@@ -493,7 +496,7 @@ def test_separate_refuses_a_too_long_track_before_decoding_it(tmp_path: Path, me
         raise MediaError("decode_attempted: the whole track would be decoded to scratch")
 
     monkeypatch.setattr(stages.separate, "decode_to_scratch", refuse)
-    stage = worker("separate", tmp_path, max_duration_s=1800.0)
+    stage = stage_worker("separate", tmp_path, max_duration_s=1800.0)
     [result] = stage.process_safely([{"key": "ten_hours", "video_path": str(media["ten_hours"]),
                                       "media_duration_s": 36000.128}])
     assert (result["status"], result["reason"].split(":")[0]) == ("failed", "too_long")

@@ -97,17 +97,20 @@ def test_error_classes(message, expected):
     assert classify(message) == expected
 
 
-def make_stage(tmp_path: Path, make_config, **download):
-    from stages.download import Download
+@pytest.fixture
+def download_stage(tmp_path: Path, make_stage):
+    """download_stage(**options): a Download stage, set up, with these options over the test config."""
 
-    cfg = make_config(tmp_path, ["x"], download=download)
-    stage = Download(cfg.stage("download"), cfg.run)
-    stage.setup()
-    return stage
+    def build(**options):
+        stage = make_stage(tmp_path, "download", **options)
+        stage.setup()
+        return stage
+
+    return build
 
 
-def test_options_are_passed_through_to_yt_dlp(tmp_path: Path, make_config):
-    stage = make_stage(tmp_path, make_config, rate_limit="2M", concurrency=4, cookies_file="c.txt", proxy="http://p:3128",
+def test_options_are_passed_through_to_yt_dlp(download_stage):
+    stage = download_stage(rate_limit="2M", concurrency=4, cookies_file="c.txt", proxy="http://p:3128",
                        user_agent="discomv-test", sections="*10-70")
     opts = stage._ydl_options("yt_dQw4w9WgXcQ")
     assert opts["ratelimit"] == 2 * 1024 * 1024 // 4
@@ -117,8 +120,8 @@ def test_options_are_passed_through_to_yt_dlp(tmp_path: Path, make_config):
     assert callable(opts["download_ranges"]) and callable(opts["match_filter"])
 
 
-def test_circuit_breaker_pauses_when_most_recent_attempts_fail(tmp_path: Path, monkeypatch, make_config):
-    stage = make_stage(tmp_path, make_config, breaker_window=4, breaker_threshold=0.75, breaker_cooldown_s=7)
+def test_circuit_breaker_pauses_when_most_recent_attempts_fail(monkeypatch, download_stage):
+    stage = download_stage(breaker_window=4, breaker_threshold=0.75, breaker_cooldown_s=7)
     slept = []
     monkeypatch.setattr("stages.download.time.sleep", slept.append)
     stage.recent.extend([True, True, False, False])
