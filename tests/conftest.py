@@ -4,7 +4,10 @@ this module."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +19,39 @@ from pipeline.tools.localserver import LocalServer
 from stages import load_config_dict
 
 
+class SyntheticMedia:
+    """Every synthetic file of the session, made once by the synth function and arguments that
+    describe it; a module asks for it at its own path and gets a hard link to the one copy."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: dict[str, Path] = {}
+
+    def __call__(self, at: Path, make: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:
+        recipe = f"{make.__name__}{args!r}{sorted(kwargs.items())!r}{at.suffix}"
+        if recipe not in self.made:
+            name = hashlib.sha1(recipe.encode()).hexdigest()[:16] + at.suffix
+            self.made[recipe] = make(self.root / name, *args, **kwargs)
+        at.parent.mkdir(parents=True, exist_ok=True)
+        if not at.exists():
+            os.link(self.made[recipe], at)
+        return at
+
+
 @pytest.fixture(scope="session")
-def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Short synthetic videos and broken files, made once per test session."""
+def synthetic_media(tmp_path_factory: pytest.TempPathFactory) -> SyntheticMedia:
+    """synthetic_media(path, synth.make_video, "moving", duration_s=6, ...) -> path: made once per session."""
+    return SyntheticMedia(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_media: SyntheticMedia) -> Path:
+    """Short synthetic videos and broken files, served by `server`."""
     d = tmp_path_factory.mktemp("media")
-    synth.make_video(d / "moving.mp4", "moving", duration_s=6, seed=1, size="160x120")
-    synth.make_video(d / "still.mp4", "still", duration_s=6, seed=2, size="160x120")
-    synth.make_audio_only(d / "audio_only.mp4", duration_s=4)
-    synth.make_video_only(d / "video_only.mp4", duration_s=4)
+    synthetic_media(d / "moving.mp4", synth.make_video, "moving", duration_s=6, seed=1, size="160x120")
+    synthetic_media(d / "still.mp4", synth.make_video, "still", duration_s=6, seed=2, size="160x120")
+    synthetic_media(d / "audio_only.mp4", synth.make_audio_only, duration_s=4)
+    synthetic_media(d / "video_only.mp4", synth.make_video_only, duration_s=4)
     synth.make_truncated(d / "moving.mp4", d / "truncated.mp4")
     (d / "page.html").write_text("<html><body>not a video</body></html>")
     (d / "empty.mp4").write_bytes(b"")

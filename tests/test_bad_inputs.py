@@ -162,7 +162,7 @@ def test_the_table_covers_at_least_20_kinds_and_every_stage() -> None:
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> dict[str, Path]:
+def media(tmp_path_factory: pytest.TempPathFactory, media_dir: Path, synthetic_media) -> dict[str, Path]:
     """Every input file, in one folder that the 127.0.0.1 server serves."""
     d = tmp_path_factory.mktemp("bad_inputs_media")
     files = {name: Path(shutil.copyfile(media_dir / f"{name}.mp4", d / f"{name}.mp4"))
@@ -171,15 +171,15 @@ def media(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> dict[str
     files["garbage"] = d / "garbage.mp4"
     files["garbage"].write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
     files["corrupt_audio"] = synth.make_corrupt_stream(files["moving"], d / "corrupt_audio.mp4", "a")
-    files["ten_hours"] = synth.make_long_static(d / "ten_hours.mp4", hours=10)
-    files["one_minute"] = synth.make_long_static(d / "one_minute.mp4", hours=1 / 60)
-    files["one_by_one"] = synth.make_test_video(d / "one_by_one.mp4", size="1x1")
-    files["uhd"] = synth.make_test_video(d / "uhd.mp4", size="3840x2160", duration_s=2, fps=5)
-    files["vfr"] = synth.make_vfr(d / "vfr.mp4", duration_s=12)
+    files["ten_hours"] = synthetic_media(d / "ten_hours.mp4", synth.make_long_static, hours=10)
+    files["one_minute"] = synthetic_media(d / "one_minute.mp4", synth.make_long_static, hours=1 / 60)
+    files["one_by_one"] = synthetic_media(d / "one_by_one.mp4", synth.make_test_video, size="1x1")
+    files["uhd"] = synthetic_media(d / "uhd.mp4", synth.make_test_video, size="3840x2160", duration_s=2, fps=5)
+    files["vfr"] = synthetic_media(d / "vfr.mp4", synth.make_vfr, duration_s=12)
     files["rotated"] = synth.make_rotated(files["vfr"], d / "rotated.mp4", 90)
-    files["mono8k"] = synth.make_test_video(d / "mono8k.mp4", sample_rate=8000, channels=1)
-    files["silent"] = synth.make_test_video(d / "silent.mp4", soundtrack="silent")
-    files["short"] = synth.make_test_video(d / "short.mp4", duration_s=1)
+    files["mono8k"] = synthetic_media(d / "mono8k.mp4", synth.make_test_video, sample_rate=8000, channels=1)
+    files["silent"] = synthetic_media(d / "silent.mp4", synth.make_test_video, soundtrack="silent")
+    files["short"] = synthetic_media(d / "short.mp4", synth.make_test_video, duration_s=1)
     # instrumentals (what separate hands to beats and tokens)
     music = f"aevalsrc={synth.music_expr(4)}:s=32000:d=12"
     synth.ffmpeg("-f", "lavfi", "-i", music, "-ac", "1", "-c:a", "flac", str(d / "music32k.flac"))

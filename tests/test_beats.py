@@ -28,15 +28,15 @@ SPARSE = [3.32, 12.32, 24.0, 33.0]  # one event per clip, the last in the 5 s ta
 
 
 @pytest.fixture(scope="module")
-def beat_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def beat_media(tmp_path_factory: pytest.TempPathFactory, synthetic_media) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("beats_media")
     return {
-        "periodic_video": synth.make_jump_video(d / "periodic.mp4", PERIODIC, 20.0),
-        "periodic_audio": synth.make_click_track(d / "periodic.flac", PERIODIC, 20.0),
-        "sparse_video": synth.make_jump_video(d / "sparse.mp4", SPARSE, 35.0, seed=3),
-        "sparse_audio": synth.make_click_track(d / "sparse.flac", SPARSE, 35.0),
-        "still_video": synth.make_video(d / "still.mp4", "still", duration_s=10.5, seed=2, size="160x120"),
-        "moving_video": synth.make_video(d / "moving.mp4", "moving", duration_s=12, seed=1, size="160x120"),
+        "periodic_video": synthetic_media(d / "periodic.mp4", synth.make_jump_video, PERIODIC, 20.0),
+        "periodic_audio": synthetic_media(d / "periodic.flac", synth.make_click_track, PERIODIC, 20.0),
+        "sparse_video": synthetic_media(d / "sparse.mp4", synth.make_jump_video, SPARSE, 35.0, seed=3),
+        "sparse_audio": synthetic_media(d / "sparse.flac", synth.make_click_track, SPARSE, 35.0),
+        "still_video": synthetic_media(d / "still.mp4", synth.make_video, "still", duration_s=10.5, seed=2, size="160x120"),
+        "moving_video": synthetic_media(d / "moving.mp4", synth.make_video, "moving", duration_s=12, seed=1, size="160x120"),
     }
 
 

@@ -30,13 +30,13 @@ sys.exit(code)
 VIDEOS = 3
 
 
-def test_every_stage_runs_on_a_two_node_cluster(tmp_path: Path, media_dir: Path, server, write_lines):
+def test_every_stage_runs_on_a_two_node_cluster(tmp_path: Path, media_dir: Path, server, write_lines, synthetic_media):
     folder = media_dir / "cluster"
     names = []
     for i in range(VIDEOS):  # 12 s: one full 10 s clip each after the fan-out
         path = folder / f"mv{i}.mp4"
         if not path.exists():
-            synth.make_video(path, "moving", duration_s=12, seed=i, size="160x120")
+            synthetic_media(path, synth.make_video, "moving", duration_s=12, seed=i, size="160x120")
         names.append(f"cluster/{path.name}")
     urls = write_lines(tmp_path / "urls.txt", [f"{server.url}/slow/300/{n}" for n in names])
     config = tmp_path / "config.yaml"

@@ -23,14 +23,14 @@ SIZE = "160x120"
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def videos(tmp_path_factory: pytest.TempPathFactory, synthetic_media) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("filter_media")
     made = {
-        "moving": synth.make_video(d / "moving.mp4", "moving", duration_s=9, seed=1, size=SIZE),
-        "still": synth.make_video(d / "still.mp4", "still", duration_s=9, seed=2, size=SIZE),
-        "slideshow": synth.make_video(d / "slideshow.mp4", "slideshow", duration_s=9, seed=3, size=SIZE),
-        "short": synth.make_video(d / "short.mp4", "moving", duration_s=1, seed=4, size=SIZE),
-        "audio_only": synth.make_audio_only(d / "audio_only.mp4", duration_s=3),
+        "moving": synthetic_media(d / "moving.mp4", synth.make_video, "moving", duration_s=9, seed=1, size=SIZE),
+        "still": synthetic_media(d / "still.mp4", synth.make_video, "still", duration_s=9, seed=2, size=SIZE),
+        "slideshow": synthetic_media(d / "slideshow.mp4", synth.make_video, "slideshow", duration_s=9, seed=3, size=SIZE),
+        "short": synthetic_media(d / "short.mp4", synth.make_video, "moving", duration_s=1, seed=4, size=SIZE),
+        "audio_only": synthetic_media(d / "audio_only.mp4", synth.make_audio_only, duration_s=3),
     }
     # decord cannot open GIFs (no frame count in the metadata): the ffmpeg fallback reads them
     synth.ffmpeg("-i", str(made["moving"]), "-t", "6", str(d / "moving.gif"))

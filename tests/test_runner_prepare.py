@@ -88,13 +88,13 @@ class TracedFilter(Filter):
 
 
 @pytest.fixture(scope="module")
-def filter_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def filter_inputs(tmp_path_factory: pytest.TempPathFactory, synthetic_media) -> dict[str, str]:
     d = tmp_path_factory.mktemp("prepare_media")
     paths = {
-        "moving": synth.make_video(d / "moving.mp4", "moving", duration_s=6, seed=1, size=SIZE),
-        "still": synth.make_video(d / "still.mp4", "still", duration_s=6, seed=2, size=SIZE),
-        "slideshow": synth.make_video(d / "slideshow.mp4", "slideshow", duration_s=6, seed=3, size=SIZE),
-        "short": synth.make_video(d / "short.mp4", "moving", duration_s=1, seed=4, size=SIZE),
+        "moving": synthetic_media(d / "moving.mp4", synth.make_video, "moving", duration_s=6, seed=1, size=SIZE),
+        "still": synthetic_media(d / "still.mp4", synth.make_video, "still", duration_s=6, seed=2, size=SIZE),
+        "slideshow": synthetic_media(d / "slideshow.mp4", synth.make_video, "slideshow", duration_s=6, seed=3, size=SIZE),
+        "short": synthetic_media(d / "short.mp4", synth.make_video, "moving", duration_s=1, seed=4, size=SIZE),
     }
     (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
     paths["corrupt"] = d / "corrupt.mp4"

@@ -37,14 +37,14 @@ def make_music(path: Path, seconds: float, rate: int = 44100, channels: int = 2,
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def inputs(tmp_path_factory: pytest.TempPathFactory, synthetic_media) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("separate_inputs")
     files = {
-        "voice": synth.make_video(d / "voice.mp4", "voice", duration_s=4, seed=3, size="160x120"),
+        "voice": synthetic_media(d / "voice.mp4", synth.make_video, "voice", duration_s=4, seed=3, size="160x120"),
         "music": make_music(d / "music.flac", 4.0),
         "mono8k": make_music(d / "mono8k.wav", 5.0, rate=8000, channels=1),
         "long": make_music(d / "long.flac", 8.0),
-        "no_audio": synth.make_video_only(d / "no_audio.mp4", duration_s=2),
+        "no_audio": synthetic_media(d / "no_audio.mp4", synth.make_video_only, duration_s=2),
     }
     synth.ffmpeg("-f", "lavfi", "-i", "anullsrc=r=44100:cl=stereo", "-t", "3", str(d / "silent.wav"))
     files["silent"] = d / "silent.wav"

@@ -47,9 +47,9 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def media(tmp_path_factory: pytest.TempPathFactory, synthetic_media) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("clip_media")
-    video = synth.make_video(d / "vid.mp4", "moving", duration_s=VIDEO_S, seed=3, size="160x120")
+    video = synthetic_media(d / "vid.mp4", synth.make_video, "moving", duration_s=VIDEO_S, seed=3, size="160x120")
     flac = d / "vid.flac"
     synth.ffmpeg("-f", "lavfi", "-i", f"aevalsrc={synth.music_expr(3)}:s={SR}:d={VIDEO_S}", "-ac", "1",
                  "-c:a", "flac", str(flac))
