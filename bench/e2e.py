@@ -3,7 +3,7 @@ stages run one video at a time in a plain Python loop in one process, same corpu
 
     python bench/e2e.py [--videos 4] [--fast] [--work DIR]
 
-The corpus is the offline demo's (pipeline/demo.py): synthetic music videos of each kind (moving,
+The corpus is the offline demo's (pipeline/tools/demo.py): synthetic music videos of each kind (moving,
 looped still, slideshow, voice), 20 s each, plus its broken entries (truncated, audio only, video
 only, an HTML page, a 404), listed in a DISCO-10M-style Parquet and served from 127.0.0.1. Settings
 are the demo's (DEMO_SETTINGS, real Demucs/EnCodec/Hiera architectures with random weights);
