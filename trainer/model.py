@@ -19,13 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.timeline import STEPS
+
 
 @dataclass
 class ModelConfig:
     n_codebooks: int = 4
     codebook_size: int = 2048
     codebook_dim: int = 128  # EnCodec 32 kHz quantizer width; the contrastive music embedding lives there
-    max_steps: int = 500  # audio frames per clip (50 Hz × 10 s)
+    max_steps: int = STEPS  # audio frames per clip (50 Hz × 10 s); fitted to the data at train time
     video_dim: int = 768
     max_frames: int = 96
     n_layer: int = 2
