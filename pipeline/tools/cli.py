@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--candidate-hours", type=float, help="hours of candidate video at scale "
                    "(default: 15.3M candidates × DISCO-MV's 77 s mean)")
+    p.add_argument("--cluster", help="a cluster shape, e.g. 32cpu:8,8gpu+64cpu:4 (node groups): also print the "
+                   "makespan stage after stage vs streaming")
     for name, what in (("train", "train the bundled VMAs-style model on the shards (trainer/train.py)"),
                        ("generate", "sample music for a clip's video features (trainer/generate.py)")):
         p = sub.add_parser(name, help=what, add_help=False)
@@ -154,9 +156,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name}: {parts} part files → 1 ({rows} rows)")
         return 0
     if args.command == "cost":
-        from pipeline.tools.cost import estimate, print_cost
+        from pipeline.tools.cost import ClusterShape, estimate, makespan, print_cost, print_makespan
 
-        print_cost(estimate(cfg, args.candidate_hours))
+        try:
+            cluster = ClusterShape.parse(args.cluster) if args.cluster else None
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        costs = estimate(cfg, args.candidate_hours)
+        print_cost(costs)
+        if cluster:
+            print_makespan(makespan(costs, cluster), cluster)
         return 0
     if args.command == "verify":
         return run_verify(cfg)
