@@ -16,8 +16,10 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 from pipeline.config import Config, ConfigError
@@ -71,6 +73,7 @@ def input_rows(stage: Stage, store: ManifestStore) -> list[Row]:
     """Rows a stage works on: its source files, or upstream-ok keys with every upstream stage's
     own columns merged (the upstream chain)."""
     if isinstance(stage, SourceStage):
+        stage.map_batches = partial(map_source_batches, ray_cpus=stage.run.num_cpus)
         return stage.source_rows()
     from stages import STAGES
 
@@ -88,6 +91,31 @@ def input_rows(stage: Stage, store: ManifestStore) -> list[Row]:
                 row.setdefault("upstream_weights", {})[name] = prev.get("weights")
         rows.append(row)
     return rows
+
+
+def map_source_batches(
+    fn: Callable[[Any], Any], batches: list[Any], parallel: int, num_cpus: float = 1.0, ray_cpus: int | None = None
+) -> Iterator[Any]:
+    """A source stage's hook for I/O-bound work done before its rows exist (YouTube-8M id lookups):
+    fn(batch) for each batch, yielded as each finishes. One batch runs inline (no Ray start for a
+    small input); several run as Ray tasks, at most `parallel` at once, each retried if its worker dies."""
+    if len(batches) <= 1:
+        yield from (fn(batch) for batch in batches)
+        return
+    import ray
+
+    ensure_ray(ray_cpus)
+    task = ray.remote(_call).options(num_cpus=num_cpus, max_retries=3)
+    queue, running = list(batches), []
+    while queue or running:
+        while queue and len(running) < parallel:
+            running.append(task.remote(fn, queue.pop(0)))
+        done, running = ray.wait(running, num_returns=1)
+        yield ray.get(done[0])
+
+
+def _call(fn: Callable[[Any], Any], batch: Any) -> Any:
+    return fn(batch)
 
 
 def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, progress: bool = True) -> RunSummary:
