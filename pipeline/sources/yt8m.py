@@ -88,11 +88,10 @@ class Video:
 
 def tfrecord_files(path: Path) -> list[Path] | None:
     """The TFRecord files an input names (a file, a glob or a folder of them); None when it names none."""
-    text = str(path)
-    if any(c in text for c in "*?["):
-        if not any(text.endswith(s) or text.endswith(s + "*") for s in TFRECORD_SUFFIXES) and "tfrecord" not in text:
+    if any(c in str(path) for c in "*?["):
+        if "tfrecord" not in path.name:  # a glob must name TFRecords (train*.tfrecord)
             return None
-        files = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
+        files = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
         if not files:
             raise SourceError(f"ingest input {path}: the pattern matches no file")
         return files
@@ -295,7 +294,7 @@ def lookup_one(pseudo_id: str, settings: LookupSettings, limiter: RateLimiter, o
             if e.code in (404, 410):
                 return _answer(pseudo_id, None, f"unresolved: not in the YouTube-8M lookup service (HTTP {e.code})")
             problem = f"HTTP {e.code}"
-        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeouts, resets, bad status lines
             problem = f"{type(e).__name__}: {getattr(e, 'reason', e)}"[:200]
         else:
             match = ANSWER.match(body)
