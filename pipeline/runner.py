@@ -14,15 +14,16 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
-from pipeline.options import ConfigError
-from pipeline.stage import AUTO, STATUSES, Resources, Row, SourceStage, Stage
+from pipeline.placement import actors_that_fit, check_gpus_exist, check_prepare_fits, cpus_each
+from pipeline.stage import AUTO, STATUSES, Row, SourceStage, Stage
 from pipeline.worker import WireStageWorker, prepare_in_task, process_in_task
 
 log = logging.getLogger("discomv")
@@ -70,6 +71,7 @@ def input_rows(stage: Stage, store: ManifestStore, registry: Mapping[str, type[S
     """Rows a stage works on: its source files, or upstream-ok keys with every upstream stage's
     own columns merged (the upstream chain)."""
     if isinstance(stage, SourceStage):
+        stage.map_batches = partial(map_source_batches, ray_cpus=stage.run.num_cpus)
         return stage.source_rows()
     chain = upstream_chain(type(stage), registry)
     latest = {name: store.latest_rows(name) for name in chain}
@@ -85,6 +87,31 @@ def input_rows(stage: Stage, store: ManifestStore, registry: Mapping[str, type[S
                 row.setdefault("upstream_weights", {})[name] = prev.get("weights")
         rows.append(row)
     return rows
+
+
+def map_source_batches(
+    fn: Callable[[Any], Any], batches: list[Any], parallel: int, num_cpus: float = 1.0, ray_cpus: int | None = None
+) -> Iterator[Any]:
+    """A source stage's hook for I/O-bound work done before its rows exist (YouTube-8M id lookups):
+    fn(batch) for each batch, yielded as each finishes. One batch runs inline (no Ray start for a
+    small input); several run as Ray tasks, at most `parallel` at once, each retried if its worker dies."""
+    if len(batches) <= 1:
+        yield from (fn(batch) for batch in batches)
+        return
+    import ray
+
+    ensure_ray(ray_cpus)
+    task = ray.remote(_call).options(num_cpus=num_cpus, max_retries=3)
+    queue, running = list(batches), []
+    while queue or running:
+        while queue and len(running) < parallel:
+            running.append(task.remote(fn, queue.pop(0)))
+        done, running = ray.wait(running, num_returns=1)
+        yield ray.get(done[0])
+
+
+def _call(fn: Callable[[Any], Any], batch: Any) -> Any:
+    return fn(batch)
 
 
 def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, progress: bool = True) -> RunSummary:
@@ -176,16 +203,16 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     res = stage.resources
     items = [{"row": json.dumps(r, default=str)} for r in pending]
     blocks = max(1, min(len(items), -(-len(items) // res.batch_size)))
-    _check_gpus_exist(name, res)
+    check_gpus_exist(name, res)
     if res.concurrency == AUTO:
-        actors = _actors_that_fit(res, blocks)
-        res = replace(res, concurrency=actors, num_cpus=_cpus_each(res, actors))
+        actors = actors_that_fit(res, blocks)
+        res = replace(res, concurrency=actors, num_cpus=cpus_each(res, actors))
         log.info("%s: %d actors × %g CPUs (%s.concurrency=0: as many as the cluster holds)",
                  name, actors, res.num_cpus, name)
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     config_json = json.dumps(cfg.as_dict())
     if res.prepare_cpus and stage_cls.has_prepare():
-        _check_prepare_fits(name, res)
+        check_prepare_fits(name, res)
         # Separate CPU tasks, streamed into the workers below while those run. Ray Data fuses a task
         # map into the next (actor) map when their remote args are equal, which would put the
         # prepare step back inside the actors; an explicit max_calls=0 (Ray's default for CPU tasks:
@@ -213,62 +240,5 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
         for result in results:
             result["finished_at"] = datetime.fromisoformat(result["finished_at"])
         yield results
-
-
-def _check_gpus_exist(name: str, res: Resources) -> None:
-    """A stage asking for GPUs on a cluster without any would wait for them forever."""
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if res.num_gpus and have < res.num_gpus:
-        raise ConfigError(
-            f"{name}.num_gpus={res.num_gpus:g} but the Ray cluster has {have:g} GPUs: set {name}.num_gpus=0 "
-            "to run on CPU, or start Ray on a machine with a GPU"
-        )
-
-
-def _actors_that_fit(res: Resources, batches: int) -> int:
-    """How many actors of these resources the cluster holds at once (GPUs for a GPU stage, else
-    CPUs beside the prepare tasks), at most one per batch. Stages run one after another, so on a
-    laptop this gives a model stage every core instead of one actor's single torch thread."""
-    import ray
-
-    total = ray.cluster_resources()
-    if res.num_gpus:
-        fit = total.get("GPU", 0.0) // res.num_gpus
-    else:
-        fit = (total.get("CPU", 1.0) - (res.prepare_cpus or 0.0)) // max(res.num_cpus, 0.01)
-    if res.memory_bytes:
-        fit = min(fit, total.get("memory", 0.0) // res.memory_bytes)
-    return int(max(1, min(fit, batches)))
-
-
-def _cpus_each(res: Resources, actors: int) -> float:
-    """CPUs per auto-sized CPU actor: the free CPUs shared out, so fewer batches than cores still
-    use every core (Ray gives an actor as many torch/OpenMP threads as CPUs). GPU actors keep theirs."""
-    import ray
-
-    if res.num_gpus:
-        return res.num_cpus
-    free = ray.cluster_resources().get("CPU", 1.0) - (res.prepare_cpus or 0.0)
-    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
-    return max(res.num_cpus, float(int(min(free // actors, largest_node))))
-
-
-def _check_prepare_fits(name: str, res: Any) -> None:
-    """Actors hold their CPUs for the whole run: when they take every CPU, the prepare tasks
-    upstream of them could never be scheduled and the run would hang."""
-    import ray
-
-    if not res.concurrency:
-        return
-    total = ray.cluster_resources().get("CPU", 0.0)
-    needed = res.concurrency * res.num_cpus + res.prepare_cpus
-    if needed > total:
-        raise ConfigError(
-            f"{name}: {res.concurrency} actors × {name}.num_cpus={res.num_cpus:g} plus {res.prepare_cpus:g} CPUs "
-            f"for its prepare tasks need {needed:g} CPUs, the Ray cluster has {total:g}: lower "
-            f"{name}.concurrency or {name}.num_cpus, or the stage's prepare CPUs option"
-        )
 
 

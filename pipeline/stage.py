@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -139,10 +140,24 @@ class Stage:
         raise NotImplementedError
 
 
+MapBatches = Callable[..., Iterable[Any]]  # (fn, batches, parallel, num_cpus) -> results as they finish
+
+
+def map_inline(fn: Callable[[Any], Any], batches: list[Any], parallel: int = 1, num_cpus: float = 1.0) -> Iterator[Any]:
+    """Batches one after another, here."""
+    return (fn(batch) for batch in batches)
+
+
 class SourceStage(Stage):
-    """The first stage: its rows come from input files, not from an upstream manifest."""
+    """The first stage: its rows come from input files, not from an upstream manifest.
+
+    `map_batches(fn, batches, parallel, num_cpus)` is how `source_rows` fans I/O-bound work out over
+    batches before its rows exist (YouTube-8M id lookups), yielding each result as it finishes: inline
+    by default; the runner passes Ray tasks (pipeline/runner.py, map_source_batches), so a stage never
+    imports Ray."""
 
     upstream: ClassVar[str | None] = None
+    map_batches: MapBatches = staticmethod(map_inline)
 
     def source_rows(self) -> list[Row]:
         """Read the inputs into raw rows, each with a unique `key`."""

@@ -1,8 +1,10 @@
-"""ingest: DISCO-10M Parquet, YouTube-8M id lists and URL lists → one candidates table.
+"""ingest: DISCO-10M Parquet, YouTube-8M TFRecords or id lists, URL lists → one candidates table.
 
 Keys are canonical: `yt_<11-char id>` for anything on YouTube (so the same video from two
 sources is one candidate), `url_<sha1>` for other http(s) URLs, `bad_<sha1>` for rows rejected
 with a reason. The first source to list a key keeps it; the others are recorded in `also_in`.
+YouTube-8M's 4-character pseudo ids are resolved to YouTube ids first (pipeline/sources/yt8m.py),
+so they dedupe like any other YouTube id.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 
-from pipeline.options import option
+from pipeline.options import ConfigError, option
+from pipeline.sources import yt8m
 from pipeline.stage import Result, Row, SourceStage
 
 log = logging.getLogger("discomv")
@@ -50,8 +53,8 @@ class InputError(ValueError):
 class IngestConfig:
     inputs: list[str] = option(
         [],
-        "input files: DISCO-10M .parquet, YouTube-8M id lists (.txt/.csv) or URL lists; "
-        "prefix NAME= to name the source (e.g. yt8m=ids.txt)",
+        "input files: DISCO-10M .parquet, YouTube-8M .tfrecord files (a glob or a folder too), id lists "
+        "(.txt/.csv, YouTube or 4-char YouTube-8M ids) or URL lists; prefix NAME= to name the source (e.g. yt8m=ids.txt)",
         output=False,
     )
     limit: int | None = option(None, "keep only the first N candidates (trial runs)", output=False)
@@ -60,6 +63,21 @@ class IngestConfig:
     max_duration_s: float | None = option(None, "drop candidates whose listed duration is longer")
     default_license: str = option(
         "youtube-standard (unverified)", "license recorded when the input has no license column"
+    )
+    yt8m_labels: list[str] = option(
+        [yt8m.MUSIC_VIDEO], "YouTube-8M TFRecords: keep videos with any of these labels (vocabulary Name or "
+        "KnowledgeGraphId; default /m/0mdxd, 'Music video')",
+    )
+    yt8m_vocabulary: str | None = option(None, "YouTube-8M vocabulary.csv (default: beside the TFRecords or above)")
+    yt8m_lookup_url: str = option("https://data.yt8m.org", "YouTube-8M lookup service: pseudo id → YouTube id")
+    yt8m_allow_private_hosts: bool = option(False, "allow a lookup service on loopback/private addresses", output=False)
+    yt8m_lookup_concurrency: int = option(8, "YouTube-8M lookups in flight at once, in total", output=False)
+    yt8m_lookup_rate: float = option(10.0, "YouTube-8M lookup requests per second, in total", output=False)
+    yt8m_lookup_retries: int = option(3, "retries of a transient lookup failure (5xx, 429, network)", output=False)
+    yt8m_lookup_backoff_s: float = option(1.0, "first lookup retry delay; doubles each retry, with jitter", output=False)
+    yt8m_lookup_batch: int = option(2000, "pseudo ids per lookup batch; several batches run as Ray tasks", output=False)
+    yt8m_video_url: str = option(
+        "https://www.youtube.com/watch?v={id}", "URL a resolved YouTube-8M video is downloaded from ({id}: its YouTube id)"
     )
 
 
@@ -83,6 +101,8 @@ class Ingest(SourceStage):
             ("input_file", pa.string()),
             ("input_row", pa.int64()),
             ("disco_scores", pa.string()),  # DISCO-10M similarity_* columns as JSON
+            ("yt8m_id", pa.string()),  # the YouTube-8M pseudo id, when the input gave one
+            ("yt8m_labels", pa.list_(pa.string())),  # the matched YouTube-8M label names
         ]
     )
 
@@ -95,13 +115,15 @@ class Ingest(SourceStage):
     def source_rows(self) -> list[Row]:
         if not self.config.inputs:
             raise InputError("ingest.inputs is empty: pass --set ingest.inputs=[path,...] or a config file")
-        by_key: dict[str, Row] = {}
+        read: list[Row] = []
         for spec in self.config.inputs:
-            source, path = _source_and_path(spec)
-            for row in read_input(path, source, self.config.default_license):
-                first = by_key.setdefault(row["key"], row)
-                if first is not row:
-                    first["also_in"].append(f"{source}:{path}:{row['input_row']}")
+            read.extend(self._read(*_source_and_path(spec)))
+        self._resolve(read)
+        by_key: dict[str, Row] = {}
+        for row in read:
+            first = by_key.setdefault(row["key"], row)
+            if first is not row:
+                first["also_in"].append(f"{row['source']}:{row['input_file']}:{row['input_row']}")
         rows = list(by_key.values())
         if self.config.sample is not None:
             rows = [r for r in rows if _fraction(r["key"]) < self.config.sample]
@@ -125,6 +147,49 @@ class Ingest(SourceStage):
                 results.append(Result.ok(row["key"], **metrics))
         return results
 
+    def _read(self, source: str, path: Path) -> list[Row]:
+        try:
+            files = yt8m.tfrecord_files(path)
+            if files is None:
+                return read_input(path, source, self.config.default_license)
+            for file in files:
+                if not file.is_file():
+                    raise InputError(f"ingest input {file}: no such file")
+            vocabulary = yt8m.find_vocabulary(files, self.config.yt8m_vocabulary)
+            wanted = yt8m.select_labels(yt8m.read_vocabulary(vocabulary), self.config.yt8m_labels, vocabulary)
+            rows = []
+            for video in yt8m.iter_videos(files, wanted):
+                rec = {"id": video.pseudo_id}
+                row = _candidate(rec, video.record, {"youtube_id": "id"}, source, Path(video.file), self.config.default_license)
+                rows.append({**row, "yt8m_labels": video.labels})
+            log.info("ingest %s: %d videos of %d files with labels %s", path, len(rows), len(files), sorted(set(wanted.values())))
+            return rows
+        except yt8m.SourceError as e:
+            raise InputError(str(e)) from e
+
+    def _resolve(self, rows: list[Row]) -> None:
+        """YouTube-8M pseudo ids → YouTube ids (cached, rate-limited lookups); an id that cannot be
+        resolved becomes a failed row with its reason."""
+        pending = [r for r in rows if r["yt8m_id"] and not r["key"]]
+        if not pending:
+            return
+        c = self.config
+        refusal = yt8m.check_service(c.yt8m_lookup_url, c.yt8m_allow_private_hosts)
+        if refusal or "{id}" not in c.yt8m_video_url:
+            raise ConfigError(refusal or f"ingest.yt8m_video_url: {c.yt8m_video_url!r} has no {{id}}")
+        settings = yt8m.LookupSettings(
+            c.yt8m_lookup_url, c.yt8m_lookup_concurrency, c.yt8m_lookup_rate, c.yt8m_lookup_retries,
+            c.yt8m_lookup_backoff_s, batch=c.yt8m_lookup_batch,
+        )
+        answers = yt8m.resolve_ids([r["yt8m_id"] for r in pending], settings, self.run.manifest_root, self.map_batches)
+        for row in pending:
+            answer = answers[row["yt8m_id"]]
+            if vid := answer["youtube_id"]:
+                row.update(key=f"yt_{vid}", url=c.yt8m_video_url.format(id=vid), youtube_id=vid)
+            else:
+                raw = f"{row['source']}:{row['input_file']}:{row['input_row']}:{row['yt8m_id']}"
+                row.update(key="bad_" + hashlib.sha1(raw.encode()).hexdigest()[:16], problem=answer["reason"])
+
 
 # ---------------------------------------------------------------- reading inputs
 
@@ -134,6 +199,8 @@ def _source_and_path(spec: str) -> tuple[str, Path]:
     if sep and re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         return name, Path(path)
     path = Path(spec)
+    if "tfrecord" in path.name or path.is_dir():
+        return "yt8m", path
     return ("disco10m" if path.suffix == ".parquet" else path.stem), path
 
 
@@ -203,7 +270,8 @@ def _candidate(
         return value.strip() if isinstance(value, str) else value
 
     raw = get("url") or get("youtube_id") or ""
-    key, url, youtube_id, problem = canonical(str(raw))
+    pseudo = str(raw).strip() if yt8m.PSEUDO_ID.match(str(raw).strip()) else None  # resolved in _resolve
+    key, url, youtube_id, problem = ("", None, None, None) if pseudo else canonical(str(raw))
     if problem:
         key = "bad_" + hashlib.sha1(f"{source}:{path}:{index}:{raw}".encode()).hexdigest()[:16]
     artist_id = get("artist_id")
@@ -227,6 +295,8 @@ def _candidate(
         "input_file": str(path),
         "input_row": index,
         "disco_scores": json.dumps(scores) if scores else None,
+        "yt8m_id": pseudo,
+        "yt8m_labels": None,
     }
 
 

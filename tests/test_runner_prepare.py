@@ -165,29 +165,29 @@ def test_actors_that_leave_no_cpu_for_the_prepare_tasks_fail_fast(
 def test_auto_concurrency_fills_the_cluster_but_not_past_the_batches(ray_local: None) -> None:
     import ray
 
-    from pipeline.runner import _actors_that_fit
+    from pipeline.placement import actors_that_fit
     from pipeline.stage import AUTO, Resources
 
     cpus = int(ray.cluster_resources()["CPU"])
-    assert _actors_that_fit(Resources(num_cpus=1, concurrency=AUTO), batches=100) == cpus
-    assert _actors_that_fit(Resources(num_cpus=1, concurrency=AUTO), batches=1) == 1
-    assert _actors_that_fit(Resources(num_cpus=1, concurrency=AUTO, prepare_cpus=1), batches=100) == max(1, cpus - 1)
-    assert _actors_that_fit(Resources(num_cpus=1, num_gpus=1, concurrency=AUTO), batches=100) == 1  # no GPU: one
+    assert actors_that_fit(Resources(num_cpus=1, concurrency=AUTO), batches=100) == cpus
+    assert actors_that_fit(Resources(num_cpus=1, concurrency=AUTO), batches=1) == 1
+    assert actors_that_fit(Resources(num_cpus=1, concurrency=AUTO, prepare_cpus=1), batches=100) == max(1, cpus - 1)
+    assert actors_that_fit(Resources(num_cpus=1, num_gpus=1, concurrency=AUTO), batches=100) == 1  # no GPU: one
     assert STAGES["separate"].Config().concurrency == AUTO
-    from pipeline.runner import _cpus_each
+    from pipeline.placement import cpus_each
 
-    assert _cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=1) == cpus  # one batch: every core
-    assert _cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=cpus) == 1
-    assert _cpus_each(Resources(num_cpus=1, num_gpus=1, concurrency=AUTO), actors=1) == 1
+    assert cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=1) == cpus  # one batch: every core
+    assert cpus_each(Resources(num_cpus=1, concurrency=AUTO), actors=cpus) == 1
+    assert cpus_each(Resources(num_cpus=1, num_gpus=1, concurrency=AUTO), actors=1) == 1
     memory = ray.cluster_resources()["memory"]  # actors are never packed past the cluster's memory
-    assert _actors_that_fit(Resources(num_cpus=0.1, concurrency=AUTO, memory_bytes=int(memory // 2)), batches=100) == 2
+    assert actors_that_fit(Resources(num_cpus=0.1, concurrency=AUTO, memory_bytes=int(memory // 2)), batches=100) == 2
     assert STAGES["features"](STAGES["features"].Config(), None).resources.memory_bytes > 4 * 2**30
 
 
 def test_a_gpu_stage_on_a_cluster_without_gpus_fails_fast(ray_local: None) -> None:
-    from pipeline.runner import _check_gpus_exist
+    from pipeline.placement import check_gpus_exist
     from pipeline.stage import Resources
 
     with pytest.raises(ConfigError, match=r"separate\.num_gpus=1 but the Ray cluster has 0 GPUs"):
-        _check_gpus_exist("separate", Resources(num_gpus=1))
-    _check_gpus_exist("separate", Resources(num_gpus=0))
+        check_gpus_exist("separate", Resources(num_gpus=1))
+    check_gpus_exist("separate", Resources(num_gpus=0))

@@ -2,8 +2,9 @@
 
 It makes the corpus with ffmpeg (moving scenes, a looped still, a near-identical slideshow, music
 with a synthetic voice), a few broken entries (404, an HTML page, a truncated file, audio only, an
-ftp:// URL), lists them in a DISCO-10M-style Parquet and a URL list, and runs every registered stage
-with real yt-dlp against the local server.
+ftp:// URL), lists them in a DISCO-10M-style Parquet, a URL list and a YouTube-8M-style TFRecord
+(its pseudo ids resolved through a lookup service that the same server stands in for), and runs every
+registered stage with real yt-dlp against the local server.
 """
 
 from __future__ import annotations
@@ -48,11 +49,7 @@ def make_corpus(source_dir: Path, n_videos: int, duration_s: float = 20.0) -> li
     for i in range(n_videos):
         kind = synth.KINDS[i % len(synth.KINDS)]
         path = source_dir / f"mv{i:03d}_{kind}.mp4"
-        if not path.exists():
-            tmp = path.with_name("tmp_" + path.name)
-            synth.make_video(tmp, kind, duration_s, seed=i)
-            tmp.with_suffix(".voice.wav").unlink(missing_ok=True)
-            tmp.rename(path)
+        _make_video(path, kind, duration_s, seed=i)
         entries.append({"file": path.name, "kind": kind, "title": f"Synthetic {kind} music video #{i}"})
     broken = {
         "truncated.mp4": lambda p: synth.make_truncated(source_dir / entries[0]["file"], p),
@@ -67,6 +64,15 @@ def make_corpus(source_dir: Path, n_videos: int, duration_s: float = 20.0) -> li
     entries.append({"file": "page.html", "kind": "html", "title": "An HTML page"})
     entries.append({"file": "status/404/gone.mp4", "kind": "404", "title": "A removed video"})
     return entries
+
+
+def _make_video(path: Path, kind: str, duration_s: float, seed: int) -> None:
+    """A synthetic video at `path` unless one is there (made under a temporary name, then renamed)."""
+    if not path.exists():
+        tmp = path.with_name("tmp_" + path.name)
+        synth.make_video(tmp, kind, duration_s, seed=seed)
+        tmp.with_suffix(".voice.wav").unlink(missing_ok=True)
+        tmp.rename(path)
 
 
 def write_disco_parquet(path: Path, base_url: str, entries: list[dict[str, Any]]) -> Path:
@@ -88,7 +94,35 @@ def write_disco_parquet(path: Path, base_url: str, entries: list[dict[str, Any]]
     return path
 
 
-def write_config(work: Path, inputs: list[str]) -> Path:
+# YouTube-8M-style records: pseudo id → (labels, YouTube id the lookup service answers, or None: a 404)
+YT8M_VOCABULARY = "Index,TrainVideoCount,KnowledgeGraphId,Name\n0,116043,/m/0mdxd,Music video\n1,200813,/m/07yv9,Vehicle\n"
+YT8M_RECORDS = {"Yt01": ([0], "demoYT8Mv01"), "Yt02": ([1], "demoYT8Mv02"), "Yt03": ([0], None)}
+
+
+def write_yt8m(folder: Path, source_dir: Path, base_url: str, n_videos: int) -> dict[str, Any]:
+    """A video-level TFRecord + vocabulary.csv (one music video that resolves, one vehicle video that
+    is never a candidate, one music video the lookup service doesn't know), the lookup service's
+    JSONP as static files and the resolved video under source/yt8m/; returns the ingest settings."""
+    from tfrecord.writer import TFRecordWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocabulary.csv").write_text(YT8M_VOCABULARY)
+    writer = TFRecordWriter(str(folder / "train0000.tfrecord"))
+    for pseudo, (labels, youtube_id) in YT8M_RECORDS.items():
+        writer.write({"id": (pseudo.encode(), "byte"), "labels": (labels, "int"),
+                      "mean_rgb": ([0.5] * 1024, "float"), "mean_audio": ([0.5] * 128, "float")})
+        if youtube_id:
+            answer = source_dir / "yt8m-lookup" / "2" / "j" / "i" / pseudo[:2] / f"{pseudo}.js"
+            answer.parent.mkdir(parents=True, exist_ok=True)
+            answer.write_text(f'i("{pseudo}","{youtube_id}");\n')
+    writer.close()
+    (source_dir / "yt8m").mkdir(exist_ok=True)  # the music video; a moving one passes the filter
+    _make_video(source_dir / "yt8m" / "demoYT8Mv01.mp4", "moving", 20.0, seed=n_videos)
+    return {"yt8m_lookup_url": f"{base_url}/yt8m-lookup", "yt8m_allow_private_hosts": True,
+            "yt8m_video_url": f"{base_url}/yt8m/{{id}}.mp4"}
+
+
+def write_config(work: Path, inputs: list[str], ingest: dict[str, Any] | None = None) -> Path:
     from stages import STAGES
 
     config: dict[str, Any] = {
@@ -98,7 +132,7 @@ def write_config(work: Path, inputs: list[str]) -> Path:
             "shard_root": str(work / "shards"),
             "weights": "random",
         },
-        "ingest": {"inputs": inputs},
+        "ingest": {"inputs": inputs, **(ingest or {})},
     }
     config.update({name: s for name, s in DEMO_SETTINGS.items() if name in STAGES})
     path = work / "config.yaml"
@@ -121,7 +155,8 @@ def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> Path:
         parquet = write_disco_parquet(work / "disco10m_demo.parquet", server.url, entries)
         urls = work / "urls.txt"
         urls.write_text(f"{server.url}/{entries[1]['file']}\nftp://example.org/song.mp4\n")
-        config_path = write_config(work, [f"disco10m={parquet}", f"urls={urls}"])
+        yt8m = write_yt8m(work / "yt8m", work / "source", server.url, n_videos)
+        config_path = write_config(work, [f"disco10m={parquet}", f"urls={urls}", f"yt8m={work / 'yt8m'}"], yt8m)
         cfg = load_config(config_path)
         log.info("demo: serving %s on %s; config %s", work / "source", server.url, config_path)
         for name in STAGES:
