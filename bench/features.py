@@ -33,9 +33,9 @@ CLIP_S = 10.0
 SOURCE_CLIPS = 4  # distinct clips in the source video; batches cycle over them
 
 
-def make_media(folder: Path) -> tuple[Path, Path]:
+def make_media(folder: Path, size: str = "480x360") -> tuple[Path, Path]:
     duration = CLIP_S * SOURCE_CLIPS
-    video = synth.make_video(folder / "bench.mp4", "moving", duration_s=duration, seed=5, size="480x360")
+    video = synth.make_video(folder / "bench.mp4", "moving", duration_s=duration, seed=5, size=size)
     flac = folder / "bench32k.flac"
     synth.ffmpeg("-f", "lavfi", "-i", f"aevalsrc={synth.music_expr(5)}:s=32000:d={duration}", "-ac", "1",
                  "-c:a", "flac", str(flac))
@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--tokens-model", default="encodec_32khz")
     parser.add_argument("--device", default="auto", help="the stages' device option: auto (CPU here) | cpu | cuda")
     parser.add_argument("--precisions", default="auto", help="comma-separated: auto (the stage's choice) | fp32 | bf16")
+    parser.add_argument("--video-size", default="480x360", help="WxH of the synthetic source video")
     args = parser.parse_args()
     tokens_batches = [int(b) for b in args.tokens_batches.split(",") if b]
     features_batches = [int(b) for b in args.features_batches.split(",") if b]
@@ -133,7 +134,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="discomv-bench-features-") as scratch:
         root = Path(scratch)
-        video, flac = make_media(root)
+        video, flac = make_media(root, args.video_size)
         rows = clip_rows(video, flac, max(tokens_batches + features_batches))
         header = describe("at the start")
         results: list[dict[str, Any]] = []
@@ -146,7 +147,7 @@ def main() -> None:
                 results += bench_features(media, rows, features_batches, args.features_model, **options)
     print(f"Machine: {header}\n")
     print(table(results, {"tokens": args.tokens_model, "features": args.features_model}))
-    print(f"\n10 s clips (480×360 H.264 at 25 fps, 32 kHz mono FLAC); one run per row; total "
+    print(f"\n10 s clips ({args.video_size.replace('x', '×')} H.264 at 25 fps, 32 kHz mono FLAC); one run per row; total "
           f"{time.perf_counter() - started:.0f} s including setup.")
     record_rows(results, {"tokens": args.tokens_model, "features": args.features_model})
 

@@ -63,14 +63,15 @@ class Section:
 SECTIONS = [
     Section("filter", "filter", ["--videos", "24", "--duration", "20", "--set", "num_gpus=1", "--set", "batch_size=12",
                                  "--set", "decode_threads=12"],
-            ["--videos", "2", "--duration", "3"], 110, ("filter",)),
+            ["--videos", "2", "--duration", "3", "--set", "model=ViT-S-32"], 110, ("filter",)),
     Section("separate", "separate", ["--files", "6", "--seconds", "5.5", "--batch-size", "6", "--device", "cuda",
                                      "--tolerance", "1e-3"],
             ["--files", "1", "--seconds", "2", "--model", "tiny", "--device", "cpu"], 120, ("separate",)),
     Section("features", "features", ["--device", "cuda", "--precisions", "fp32,bf16", "--tokens-batches", "1,16",
                                      "--features-batches", "1,8"],
             ["--device", "cpu", "--precisions", "fp32,bf16", "--tokens-batches", "1,2", "--features-batches", "1,2",
-             "--tokens-model", "encodec_32khz_test", "--features-model", "hiera_test_16x224"], 100,
+             "--tokens-model", "encodec_32khz_test", "--features-model", "hiera_test_16x224", "--video-size", "160x120"],
+            100,
             ("tokens (fp32", "tokens (bf16", "tokens bf16 vs fp32", "features (fp32", "features (bf16",
              "features bf16 vs fp32")),
     Section("beats", "beats", ["--device", "cuda", "--clips", "2"],
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                         + ",".join([s.name for s in SECTIONS] + ["pipeline"]))
     parser.add_argument("--cpu-smoke", action="store_true", help="on the CPU, tiny inputs: checks the script runs")
     parser.add_argument("--keep-work", action="store_true", help="keep <out>/work (media, outputs)")
+    parser.add_argument("--timeout-scale", type=float, default=1.0,
+                        help="multiply each section's timeout (a loaded machine; the budget still holds)")
     args = parser.parse_args(argv)
     budget_s = args.budget_s or (170.0 if args.cpu_smoke else 480.0)
     deadline = time.monotonic() + budget_s
@@ -366,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 if section:
-                    runs.append(run_section(section, args.cpu_smoke, env, min(section.timeout_s, left), out, sampler))
+                    timeout = min(section.timeout_s * args.timeout_scale, left)
+                    runs.append(run_section(section, args.cpu_smoke, env, timeout, out, sampler))
                 else:
-                    runs.append(run_pipeline(args.cpu_smoke, env, min(PIPELINE_TIMEOUT_S, left), out, sampler))
+                    timeout = min(PIPELINE_TIMEOUT_S * args.timeout_scale, left)
+                    runs.append(run_pipeline(args.cpu_smoke, env, timeout, out, sampler))
             except Exception as e:  # the section's own setup failed: report it, go on with the rest
                 runs.append(ScriptRun(script, 1, [], [f"{type(e).__name__}: {e}"]))
     finally:

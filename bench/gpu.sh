@@ -9,7 +9,8 @@
 # CUDA build; offline, from wheels in --wheels DIR), then runs bench/gpu.py under the budget, which
 # writes <out>/gpu.md, <out>/nvidia-smi.txt, <out>/versions.txt and <out>/logs/. Where the pinned
 # torch cannot be installed (no index reachable) but a CUDA torch is there, that torch is kept and
-# the rest installed around it; gpu.md names the torch that ran. The install is not in the budget.
+# the rest installed around it; gpu.md names the torch that ran. Without apt, ffmpeg can come from the
+# imageio-ffmpeg wheel and bench/separate.py stands in for espeak-ng. The install is not in the budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -79,6 +80,17 @@ EOF
   have_everything || echo "gpu.sh: going on without them; sections that need them will say so"
 }
 
+ffmpeg_fallback() {  # no apt: the static ffmpeg of the imageio-ffmpeg wheel (no ffprobe: `discomv run` needs it)
+  command -v ffmpeg >/dev/null && return 0
+  exe=$("$PYTHON" -c "import imageio_ffmpeg as f; print(f.get_ffmpeg_exe())" 2>/dev/null) \
+    || { [ "$INSTALL" = 1 ] && pip_install imageio-ffmpeg \
+         && exe=$("$PYTHON" -c "import imageio_ffmpeg as f; print(f.get_ffmpeg_exe())"); } || return 0
+  mkdir -p build/gpu-bench/bin && ln -sf "$exe" build/gpu-bench/bin/ffmpeg
+  export PATH="$PWD/build/gpu-bench/bin:$PATH"
+  echo "gpu.sh: ffmpeg from imageio-ffmpeg ($exe)"
+}
+
 if [ "$SMOKE" = 0 ] && [ "$INSTALL" = 1 ]; then install; fi
+if [ "$SMOKE" = 0 ]; then ffmpeg_fallback; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 exec "$PYTHON" bench/gpu.py "${ARGS[@]}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,12 @@ def make_inputs(folder: Path, count: int, seconds: float) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        voice = synth._voice(folder / f"voice{i:02d}.wav", seed=i)
+        voice = folder / f"voice{i:02d}.wav"
+        if shutil.which("espeak-ng"):
+            synth._voice(voice, seed=i)
+        else:  # a machine without espeak-ng (no apt): a sung-vowel stand-in, the model cannot tell
+            synth.ffmpeg("-f", "lavfi", "-i", f"aevalsrc='0.3*sin(2*PI*({180 + 20 * i}+20*sin(2*PI*3*t))*t)"
+                         f"*(0.6+0.4*sin(2*PI*2*t))':s=22050:d=4", str(voice))
         path = folder / f"track{i:02d}.wav"
         synth.ffmpeg(
             "-f", "lavfi", "-i", f"aevalsrc={synth.music_expr(i)}:s=44100:c=stereo:d={seconds}", "-i", str(voice),
