@@ -5,7 +5,7 @@ SET ?=
 ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 STAGES = ingest download filter separate clips beats tokens features shards
 
-.PHONY: setup apt pip demo test lint run audit verify cost status train compact weights bench cluster-demo $(STAGES)
+.PHONY: setup apt pip demo test lint run audit verify cost status train compact weights bench bench-gpu cluster-demo $(STAGES)
 
 setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
 
@@ -63,6 +63,10 @@ train:  ## train the bundled model (tiny config) on the shards; make train SHARD
 BENCH_ARGS ?=
 bench:  ## every bench/*.py, one combined table into README.md; make bench BENCH_ARGS="--only filter,shards" or "--quick"
 	$(PYTHON) bench/run_all.py $(BENCH_ARGS)
+
+GPU_ARGS ?=
+bench-gpu:  ## every GPU path in one run on a GPU machine (installs first), table in build/gpu-bench/gpu.md; GPU_ARGS="--cpu-smoke"
+	PYTHON=$(PYTHON) bash bench/gpu.sh $(GPU_ARGS)
 
 # A 2-node Ray cluster on this machine with the commands a user runs on a real one: `ray start --head`,
 # `ray start --address` for a second raylet, the demo through RAY_ADDRESS, then which node ran what.

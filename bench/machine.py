@@ -24,14 +24,18 @@ def describe(when: str = "at the start") -> str:
             f"Python {platform.python_version()}, 1-min load average {load:.1f} {when}")
 
 
-def record(stage: str, ours: str, baseline: str, ratio: float | None, note: str = "", when: str = "at the end") -> dict:
+def record(stage: str, ours: str, baseline: str, ratio: float | None, note: str = "", when: str = "at the end",
+           figures: dict | None = None) -> dict:
     """One row of the combined Performance table: this project's throughput, the named baseline's
     measured in the same run, their ratio. Printed, and appended as a JSON line to $BENCH_RESULTS
-    when set (`make bench` collects those lines into one Markdown table)."""
+    when set (`make bench` collects those lines into one Markdown table). `figures`: the raw numbers
+    behind the row, for bench/gpu.py's targets (not shown in the table)."""
     import json
 
     row = {"stage": stage, "ours": ours, "baseline": baseline, "ratio": ratio, "note": note,
            "machine": describe(when)}
+    if figures:
+        row["figures"] = figures
     print("BENCH_RESULT " + json.dumps(row, ensure_ascii=False), flush=True)
     target = os.environ.get("BENCH_RESULTS")
     if target:

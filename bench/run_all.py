@@ -28,7 +28,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-NOT_BENCHMARKS = {"machine", "run_all"}
+NOT_BENCHMARKS = {"machine", "run_all", "gpu"}  # gpu.py: every GPU path at once (make bench-gpu)
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEADER = ("| stage | this project | baseline (same run) | ratio | machine |", "|---|---|---|---|---|")
 SCRIPT_IN_CELL = re.compile(r"bench/(\w+)\.py")

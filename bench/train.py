@@ -50,7 +50,13 @@ def measure(config: str, shards: Path, out: Path, warmup: int, steps: int, threa
                  "ckpt_interval=1000000", f"cpu_threads={threads}", "data.shuffle_buffer=8"]
     cfg = load_config(config, overrides)
     cfg.data.shards, cfg.out, cfg.steps = str(shards), str(out), warmup + steps
+    import torch
+
+    cuda = torch.cuda.is_available()  # the trainer runs on CUDA whenever there is one
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     result = train_mod.train(cfg)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     rows = [r for r in csv.DictReader((out / "log.csv").open()) if r["split"] == "train"]
     previous_step, samples, seconds = warmup, 0, 0.0
     for row in rows[1:]:  # rows[0] closes the untimed warmup window
@@ -59,7 +65,7 @@ def measure(config: str, shards: Path, out: Path, warmup: int, steps: int, threa
         previous_step = int(row["step"])
     return {"params": result.num_params, "batch": cfg.data.batch_size, "samples_per_s": samples / seconds,
             "tokens_per_s": samples * cfg.model.n_codebooks * cfg.model.max_steps / seconds,
-            "seconds_per_step": seconds / steps}
+            "seconds_per_step": seconds / steps, "peak_gpu_gib": peak_gib}
 
 
 
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     header = describe("at the start")
     lines = ["| config | params | batch | threads | s/step | samples/s | tokens/s |", "|---|---|---|---|---|---|---|"]
     measured: list[str] = []
+    figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         shards = Path(tmp) / "shards"
         shards.mkdir()
@@ -84,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(config, shards, Path(tmp) / config, args.warmup, args.steps, args.threads)
             lines.append(f"| {config} | {r['params'] / 1e6:.1f}M | {r['batch']} | {args.threads} | "
                          f"{r['seconds_per_step']:.2f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} |")
+            gpu = "" if r["peak_gpu_gib"] is None else f", peak GPU memory {r['peak_gpu_gib']:.1f} GiB"
             measured.append(f"{config} ({r['params'] / 1e6:.1f}M): {r['samples_per_s']:.2f} samples/s, "
-                            f"{r['tokens_per_s']:,.0f} tokens/s")
-    print(f"\nTrainer throughput, CPU: {header}\n")
+                            f"{r['tokens_per_s']:,.0f} tokens/s{gpu}")
+            figures[config] = {k: r[k] for k in ("samples_per_s", "tokens_per_s", "peak_gpu_gib", "batch")}
+    print(f"\nTrainer throughput, {'GPU' if figures and figures[configs[0]]['peak_gpu_gib'] is not None else 'CPU'}: "
+          f"{header}\n")
     print("\n".join(lines))
-    record("train", "; ".join(measured) + f" ({args.threads} thread(s))", "no baseline", None)
+    record("train", "; ".join(measured) + f" ({args.threads} thread(s))", "no baseline", None, figures=figures)
     return 0
 
 
