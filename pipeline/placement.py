@@ -64,3 +64,12 @@ def check_prepare_fits(name: str, res: Any) -> None:
             f"for its prepare tasks need {needed:g} CPUs, the Ray cluster has {total:g}: lower "
             f"{name}.concurrency or {name}.num_cpus, or the stage's prepare CPUs option"
         )
+
+
+def task_slots(res: Resources, batches: int) -> int:
+    """How many of a task stage's tasks run at once: the cluster's CPUs (GPUs) over what one needs."""
+    import ray
+
+    total = ray.cluster_resources()
+    fit = total.get("GPU", 0.0) // res.num_gpus if res.num_gpus else total.get("CPU", 1.0) // max(res.num_cpus, 0.01)
+    return int(max(1, min(fit, batches)))

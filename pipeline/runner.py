@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
-from pipeline.placement import actors_that_fit, check_gpus_exist, check_prepare_fits, cpus_each
+from pipeline.placement import actors_that_fit, check_gpus_exist, check_prepare_fits, cpus_each, task_slots
 from pipeline.stage import AUTO, STATUSES, Row, SourceStage, Stage
 from pipeline.worker import WireStageWorker, prepare_in_task, process_in_task
 
@@ -39,6 +39,18 @@ class RunSummary:
     seconds: float = 0.0
     statuses: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
+    busy_s: float = 0.0  # worker seconds spent in process() (Σ elapsed_s of the results)
+    workers: int = 0  # workers that could run at once: actors, or task slots the cluster holds
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds else 0.0
+
+    @property
+    def busy(self) -> float | None:
+        """How busy the stage's workers were: busy seconds over workers × wall seconds. Low: the stage
+        waited on its input or on Ray; near 1: its workers bound it (add workers or GPUs there)."""
+        return min(1.0, self.busy_s / (self.workers * self.seconds)) if self.workers and self.seconds else None
 
     def line(self) -> str:
         if self.processed == 0:
@@ -47,10 +59,10 @@ class RunSummary:
                 "done with this stage version and params"
             )
         counts = ", ".join(f"{s}={self.statuses[s]}" for s in STATUSES if self.statuses[s])
-        rate = self.processed / self.seconds if self.seconds else 0.0
+        busy = f", {self.workers} workers {self.busy:.0%} busy" if self.busy is not None else ""
         return (
             f"{self.stage}: processed {self.processed} rows ({counts}) in {self.seconds:.1f}s "
-            f"[{rate:.2f} rows/s]; {self.already_done} already done"
+            f"[{self.rows_per_s:.2f} rows/s{busy}]; {self.already_done} already done"
         )
 
 
@@ -138,10 +150,11 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     bar = _progress(len(pending), name, progress)
     # Flush only between batches: a fan-out stage's rows for one input are then never split
     # across parts, so an input is either wholly recorded or wholly redone.
-    for batch in _execute(stage_cls, cfg, name, pending):
+    for batch in _execute(stage_cls, cfg, name, pending, summary):
         inputs = {r.get("video_key", r["key"]) if stage.fans_out else r["key"] for r in batch}
         for result in batch:
             result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)
+            summary.busy_s += result.get("elapsed_s") or 0.0
             summary.statuses[result["status"]] += 1
             if result["status"] != "ok":
                 summary.reasons[f"{result['status']}: {reason_class(result['reason'])}"] += 1
@@ -195,7 +208,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     data_context.execution_options.preserve_order = False
 
 
-def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row]):
+def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row], summary: RunSummary):
     import ray.data
 
     ensure_ray(cfg.run.num_cpus)
@@ -226,6 +239,7 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row])
     # their tasks retry); a row is recorded only when its batch's results reach the driver.
     common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
                   memory=res.memory_bytes or None)
+    summary.workers = res.concurrency if res.concurrency is not None else task_slots(res, blocks)
     if res.concurrency is not None:
         ds = ds.map_batches(
             WireStageWorker,

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.runner import run_stage
-    from pipeline.tools.summary import print_status
+    from pipeline.tools.summary import print_run, print_status
     from stages import STAGES
 
     if args.command == "demo":
@@ -140,9 +140,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         stages = [STAGES[name](cfg.stage(name), cfg.run) for name in chosen]  # options checked, then weights,
         for stage in stages:  # before hours of work start
             stage.preflight()
-        for name in chosen:
-            run_stage(name, cfg, progress=not args.no_progress)
+        summaries = [run_stage(name, cfg, progress=not args.no_progress) for name in chosen]
         print_status(cfg)
+        print_run(summaries)
         return 0
     if args.command == "status":
         print_status(cfg)

@@ -144,7 +144,7 @@ def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> Path:
     """Every stage over a synthetic corpus served from 127.0.0.1; returns the demo's config file
     (the command line then verifies, trains and audits, as a user would)."""
     from pipeline.runner import run_stage
-    from pipeline.tools.summary import print_status
+    from pipeline.tools.summary import print_run, print_status
     from stages import STAGES, load_config
 
     work = Path(out).resolve()
@@ -159,7 +159,7 @@ def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> Path:
         config_path = write_config(work, [f"disco10m={parquet}", f"urls={urls}", f"yt8m={work / 'yt8m'}"], yt8m)
         cfg = load_config(config_path)
         log.info("demo: serving %s on %s; config %s", work / "source", server.url, config_path)
-        for name in STAGES:
-            run_stage(name, cfg, progress=progress)
+        summaries = [run_stage(name, cfg, progress=progress) for name in STAGES]
     print_status(cfg)
+    print_run(summaries)
     return config_path

@@ -46,3 +46,27 @@ def print_status(cfg: Config) -> None:
             str(c["status"]["failed"]), reasons or "-",
         )
     Console().print(table)
+
+
+def print_run(summaries: list[Any]) -> None:
+    """After a run: per stage, rows/s and how busy its workers were, and the stage that bound the run
+    (the longest), so a user sees where to add workers or GPUs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ran = [s for s in summaries if s.processed]
+    if not ran:
+        return
+    table = Table(title="this run, per stage")
+    for col in ("stage", "rows", "seconds", "rows/s", "workers", "busy"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in ran:
+        table.add_row(s.stage, str(s.processed), f"{s.seconds:.1f}", f"{s.rows_per_s:.2f}", str(s.workers or "-"),
+                      f"{s.busy:.0%}" if s.busy is not None else "-")
+    console = Console()
+    console.print(table)
+    slowest = max(ran, key=lambda s: s.seconds)
+    share = slowest.seconds / sum(s.seconds for s in ran)
+    hint = ("its workers were busy: add workers or GPUs there" if (slowest.busy or 0) >= 0.6
+            else "its workers often waited: look at its input, batch size or start-up")
+    console.print(f"{slowest.stage} bound this run ({share:.0%} of the time); {hint}")
