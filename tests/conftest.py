@@ -102,7 +102,7 @@ def make_stage(make_config):
     builds it (options checked), from a test config with `options` as its section."""
 
     def build(tmp_path: Path, name: str, inputs: list[str] | None = None, **options: Any) -> Any:
-        cfg = make_config(tmp_path, inputs or ["unused"], **{name: options})
+        cfg = make_config(tmp_path, ["unused"] if inputs is None else inputs, **{name: options})
         return cfg.registry[name](cfg.stage(name), cfg.run)
 
     return build

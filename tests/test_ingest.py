@@ -3,15 +3,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_config, write_lines
 
 from pipeline.options import ConfigError
 from stages.ingest import Ingest, InputError, canonical
 
 
-def stage(tmp_path: Path, inputs: list[str], **ingest) -> Ingest:
-    cfg = make_config(tmp_path, inputs, ingest=ingest)
-    return Ingest(cfg.stage("ingest"), cfg.run)
+@pytest.fixture
+def stage(tmp_path: Path, make_stage):
+    """stage(inputs, **options) -> an Ingest stage over these input files."""
+
+    def build(inputs: list[str], **options) -> Ingest:
+        return make_stage(tmp_path, "ingest", inputs, **options)
+
+    return build
 
 
 def results(st: Ingest):
@@ -34,8 +38,8 @@ def disco(path: Path, **columns) -> str:
     return str(path)
 
 
-def test_disco_parquet_columns_are_mapped(tmp_path: Path):
-    out = results(stage(tmp_path, [disco(tmp_path / "d.parquet")]))
+def test_disco_parquet_columns_are_mapped(tmp_path: Path, stage):
+    out = results(stage([disco(tmp_path / "d.parquet")]))
     r = out["yt_dQw4w9WgXcQ"]
     assert r.status == "ok"
     assert r.metrics["artist"] == "Rick" and r.metrics["artist_id"] == "a1"
@@ -45,19 +49,19 @@ def test_disco_parquet_columns_are_mapped(tmp_path: Path):
     assert "similarity_audio" in r.metrics["disco_scores"]
 
 
-def test_max_duration_drops_with_reason(tmp_path: Path):
-    out = results(stage(tmp_path, [disco(tmp_path / "d.parquet")], max_duration_s=600))
+def test_max_duration_drops_with_reason(tmp_path: Path, stage):
+    out = results(stage([disco(tmp_path / "d.parquet")], max_duration_s=600))
     assert out["yt_9bZkp7q19f0"].status == "dropped"
     assert out["yt_9bZkp7q19f0"].reason.startswith("too_long")
 
 
-def test_yt8m_ids_and_url_lists_are_validated(tmp_path: Path):
+def test_yt8m_ids_and_url_lists_are_validated(tmp_path: Path, stage, write_lines):
     ids = write_lines(tmp_path / "yt8m.txt", ["dQw4w9WgXcQ", "short", "# comment", "kJQP7kiw5Fk"])
     urls = write_lines(tmp_path / "urls.txt", [
         "https://example.org/a.mp4", "file:///etc/passwd", "ftp://example.org/x.mp4",
         "javascript:alert(1)", "https://youtube.com/watch?v=bad", "https://youtu.be/kJQP7kiw5Fk",
     ])
-    out = results(stage(tmp_path, [f"yt8m={ids}", urls]))
+    out = results(stage([f"yt8m={ids}", urls]))
     reasons = sorted(r.reason.split(":")[0] for r in out.values() if r.status == "failed")
     assert reasons == ["bad_id", "bad_id", "bad_url", "bad_url", "bad_url"]
     assert out["yt_kJQP7kiw5Fk"].metrics["source"] == "yt8m"
@@ -66,18 +70,18 @@ def test_yt8m_ids_and_url_lists_are_validated(tmp_path: Path):
     assert len(out) == 3 + 5  # 3 distinct videos, 5 rejected rows — none lost
 
 
-def test_dedupe_across_sources_keeps_first(tmp_path: Path):
+def test_dedupe_across_sources_keeps_first(tmp_path: Path, stage, write_lines):
     d = disco(tmp_path / "d.parquet")
     ids = write_lines(tmp_path / "ids.txt", ["dQw4w9WgXcQ"])
-    out = results(stage(tmp_path, [ids, d]))
+    out = results(stage([ids, d]))
     assert out["yt_dQw4w9WgXcQ"].metrics["source"] == "ids"
     assert out["yt_dQw4w9WgXcQ"].metrics["also_in"] == [f"disco10m:{d}:0"]
 
 
-def test_csv_with_header_and_non_utf8(tmp_path: Path):
+def test_csv_with_header_and_non_utf8(tmp_path: Path, stage):
     path = tmp_path / "list.csv"
     path.write_bytes(b"url,title\nhttps://example.org/v.mp4,caf\xe9 ; rm -rf /\n")
-    out = results(stage(tmp_path, [str(path)]))
+    out = results(stage([str(path)]))
     (r,) = out.values()
     assert r.status == "ok" and r.metrics["title"].startswith("caf")
 
@@ -86,30 +90,30 @@ def test_csv_with_header_and_non_utf8(tmp_path: Path):
     (b"", "empty file"),
     (b"not parquet at all", "not a readable Parquet"),
 ])
-def test_broken_files_fail_fast(tmp_path: Path, content: bytes, message: str):
+def test_broken_files_fail_fast(tmp_path: Path, content: bytes, message: str, stage):
     path = tmp_path / "in.parquet"
     path.write_bytes(content)
     with pytest.raises(InputError, match=message):
-        stage(tmp_path, [str(path)]).source_rows()
+        stage([str(path)]).source_rows()
 
 
-def test_parquet_without_url_column_names_the_columns(tmp_path: Path):
+def test_parquet_without_url_column_names_the_columns(tmp_path: Path, stage):
     path = tmp_path / "renamed.parquet"
     pq.write_table(pa.table({"link": ["https://x.org/a.mp4"], "name": ["a"]}), path)
     with pytest.raises(InputError, match=r"no URL or id column.*video_url_youtube.*found \['link', 'name'\]"):
-        stage(tmp_path, [str(path)]).source_rows()
+        stage([str(path)]).source_rows()
 
 
-def test_missing_input_file(tmp_path: Path):
+def test_missing_input_file(tmp_path: Path, stage):
     with pytest.raises(InputError, match="no such file"):
-        stage(tmp_path, [str(tmp_path / "nope.txt")]).source_rows()
+        stage([str(tmp_path / "nope.txt")]).source_rows()
 
 
-def test_limit_and_sample_are_deterministic(tmp_path: Path):
+def test_limit_and_sample_are_deterministic(tmp_path: Path, stage, write_lines):
     ids = write_lines(tmp_path / "ids.txt", [f"{i:011d}" for i in range(200)])
-    assert len(stage(tmp_path, [ids], limit=7).source_rows()) == 7
-    a = [r["key"] for r in stage(tmp_path, [ids], sample=0.25).source_rows()]
-    b = [r["key"] for r in stage(tmp_path, [ids], sample=0.25).source_rows()]
+    assert len(stage([ids], limit=7).source_rows()) == 7
+    a = [r["key"] for r in stage([ids], sample=0.25).source_rows()]
+    b = [r["key"] for r in stage([ids], sample=0.25).source_rows()]
     assert a == b and 20 < len(a) < 80
 
 
@@ -119,7 +123,7 @@ def test_youtube_url_forms():
         assert canonical(raw)[0] == "yt_dQw4w9WgXcQ"
 
 
-def test_empty_inputs_is_a_config_error(tmp_path: Path):
+def test_empty_inputs_is_a_config_error(tmp_path: Path, stage):
     with pytest.raises(InputError, match="ingest.inputs"):
-        stage(tmp_path, []).source_rows()
+        stage([]).source_rows()
     assert issubclass(InputError, ValueError) and not issubclass(InputError, ConfigError)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_config, write_lines
 from test_ingest import disco
 from tfrecord.writer import TFRecordWriter
 
@@ -19,7 +18,7 @@ from pipeline.config import ConfigError
 from pipeline.manifest import ManifestStore
 from pipeline.runner import run_stage
 from pipeline.sources import yt8m
-from stages.ingest import Ingest, InputError
+from stages.ingest import InputError
 
 VOCABULARY = """Index,TrainVideoCount,KnowledgeGraphId,Name,WikiUrl,Vertical1
 0,788288,/m/04rlf,Music,https://en.wikipedia.org/wiki/Music,Arts & Entertainment
@@ -117,13 +116,18 @@ def settings(service: LookupService, **more: object) -> dict[str, object]:
             "yt8m_lookup_backoff_s": 0.01, "yt8m_lookup_rate": 200.0, **more}
 
 
-def results(tmp_path: Path, inputs: list[str], **ingest: object) -> dict:
-    cfg = make_config(tmp_path, inputs, ingest=ingest)
-    st = Ingest(cfg.stage("ingest"), cfg.run)
-    return {r.key: r for r in st.process(st.source_rows())}
+@pytest.fixture
+def results(make_stage):
+    """results(tmp_path, inputs, **ingest options) -> {key: Result} of ingest over these inputs."""
+
+    def run(tmp_path: Path, inputs: list[str], **ingest: object) -> dict:
+        st = make_stage(tmp_path, "ingest", inputs, **ingest)
+        return {r.key: r for r in st.process(st.source_rows())}
+
+    return run
 
 
-def test_music_videos_resolve_dedupe_fail_with_reasons_and_cache(tmp_path: Path, service: LookupService):
+def test_music_videos_resolve_dedupe_fail_with_reasons_and_cache(tmp_path: Path, service: LookupService, results):
     d = disco(tmp_path / "d.parquet")
     folder = write_tfrecords(tmp_path / "yt8m")
     out = results(tmp_path, [d, f"yt8m={folder}/*.tfrecord"], **settings(service))
@@ -157,7 +161,7 @@ def test_music_videos_resolve_dedupe_fail_with_reasons_and_cache(tmp_path: Path,
     assert {k for k, r in third.items() if r.status == "ok"} == set(ok) | {"yt_HHHHHHHHHHH"}
 
 
-def test_pseudo_id_lists_resolve_like_tfrecords(tmp_path: Path, service: LookupService):
+def test_pseudo_id_lists_resolve_like_tfrecords(tmp_path: Path, service: LookupService, results, write_lines):
     ids = write_lines(tmp_path / "ids.txt", ["Bb02", "Dd04", "dQw4w9WgXcQ", "short"])
     out = results(tmp_path, [f"yt8m={ids}"], **settings(service))
     assert out["yt_kJQP7kiw5Fk"].metrics["yt8m_id"] == "Bb02" and out["yt_dQw4w9WgXcQ"].status == "ok"
@@ -165,7 +169,7 @@ def test_pseudo_id_lists_resolve_like_tfrecords(tmp_path: Path, service: LookupS
     assert reasons == ["bad_id", "unresolved"]
 
 
-def test_ray_tasks_resolve_batches_through_the_runner(tmp_path: Path, service: LookupService, ray_local):
+def test_ray_tasks_resolve_batches_through_the_runner(tmp_path: Path, service: LookupService, ray_local, make_config):
     folder = write_tfrecords(tmp_path / "yt8m")
     cfg = make_config(tmp_path, [str(folder)], ingest=settings(service, yt8m_lookup_batch=2))
     run_stage("ingest", cfg, progress=False)
@@ -181,7 +185,7 @@ def test_ray_tasks_resolve_batches_through_the_runner(tmp_path: Path, service: L
     ("truncate", 2, "record 2: truncated"),
 ])
 def test_corrupt_tfrecord_names_file_and_record(tmp_path: Path, service: LookupService, damage: str,
-                                               record: int, message: str):
+                                               record: int, message: str, results):
     folder = write_tfrecords(tmp_path / "yt8m")
     path = folder / "train0000.tfrecord"
     data = bytearray(path.read_bytes())
@@ -200,7 +204,7 @@ def test_corrupt_tfrecord_names_file_and_record(tmp_path: Path, service: LookupS
     assert service.total() == 0  # nothing is looked up before every input has been read
 
 
-def test_labels_by_name_and_unknown_labels(tmp_path: Path, service: LookupService):
+def test_labels_by_name_and_unknown_labels(tmp_path: Path, service: LookupService, results):
     folder = write_tfrecords(tmp_path / "yt8m")
     out = results(tmp_path, [str(folder)], **settings(service, yt8m_labels=["vehicle"]))
     assert [r.metrics["yt8m_labels"] for r in out.values()] == [["Vehicle"]]
@@ -211,7 +215,7 @@ def test_labels_by_name_and_unknown_labels(tmp_path: Path, service: LookupServic
         results(tmp_path, [str(folder)], **settings(service))
 
 
-def test_private_lookup_service_needs_the_explicit_setting(tmp_path: Path, service: LookupService):
+def test_private_lookup_service_needs_the_explicit_setting(tmp_path: Path, service: LookupService, results):
     folder = write_tfrecords(tmp_path / "yt8m")
     with pytest.raises(ConfigError, match="non-public 127.0.0.1.*yt8m_allow_private_hosts"):
         results(tmp_path, [str(folder)], **settings(service, yt8m_allow_private_hosts=False))
