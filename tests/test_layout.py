@@ -104,3 +104,11 @@ def test_no_source_file_is_too_long_to_read_whole():
 def test_the_checker_sees_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_tests_take_fixtures_instead_of_importing_conftest():
+    offenders = [p.name for p in (ROOT / "tests").glob("test_*.py")
+                 if any(isinstance(n, ast.ImportFrom) and n.module == "conftest" or
+                        isinstance(n, ast.Import) and any(a.name == "conftest" for a in n.names)
+                        for n in ast.walk(ast.parse(p.read_text())))]
+    assert not offenders
