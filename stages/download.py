@@ -8,11 +8,9 @@ transiently. After the download, ffprobe and a tail decode check the file.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 import re
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
+from pipeline.hosts import HostRefused, check_public_url
 from pipeline.media.probe import MediaError, check_tail_decodes, probe
 from pipeline.options import ConfigError, WorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
@@ -286,16 +285,11 @@ def check_url(url: str, allow_private_hosts: bool) -> str | None:
     if allow_private_hosts:
         return None
     try:
-        infos = socket.getaddrinfo(parsed.hostname, None)
-    except (socket.gaierror, UnicodeError) as e:
-        return f"network: cannot resolve host {parsed.hostname} ({e})"
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
-            return (
-                f"blocked_host: {parsed.hostname} resolves to non-public {address}; "
-                "set download.allow_private_hosts=true to allow"
-            )
+        check_public_url(url)
+    except HostRefused as e:
+        if e.kind == "unresolved":
+            return f"network: {e}"
+        return f"blocked_host: {e}; set download.allow_private_hosts=true to allow"
     return None
 
 

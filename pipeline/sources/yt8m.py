@@ -18,11 +18,9 @@ import csv
 import glob
 import http.client
 import importlib.util
-import ipaddress
 import logging
 import random
 import re
-import socket
 import struct
 import sys
 import threading
@@ -40,6 +38,7 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
+from pipeline.hosts import HostRefused, check_public_url
 from pipeline.manifest import ManifestStore
 from pipeline.stage import MapBatches, map_inline
 
@@ -244,16 +243,11 @@ def check_service(base_url: str, allow_private_hosts: bool) -> str | None:
     if allow_private_hosts:
         return None
     try:
-        infos = socket.getaddrinfo(parsed.hostname, None)
-    except (socket.gaierror, UnicodeError):
-        return None  # offline: each lookup then fails as a retryable network error
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
-            return (
-                f"ingest.yt8m_lookup_url: {parsed.hostname} resolves to non-public {address}; "
-                "set ingest.yt8m_allow_private_hosts=true to allow"
-            )
+        check_public_url(base_url)
+    except HostRefused as e:
+        if e.kind == "unresolved":
+            return None  # offline: each lookup then fails as a retryable network error
+        return f"ingest.yt8m_lookup_url: {e}; set ingest.yt8m_allow_private_hosts=true to allow"
     return None
 
 
