@@ -268,8 +268,6 @@ def fetch_all_weights(cfg) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def _finish_demo(work: Path, config_path: Path) -> int:
@@ -286,3 +284,7 @@ def _finish_demo(work: Path, config_path: Path) -> int:
     print(f"report: {work / 'report.html'}   dataset card: {work / 'DATASET_CARD.md'}   training log: {runs / 'log.csv'}")
     print(f"next: make status CONFIG={config_path}   (or any stage: make filter CONFIG={config_path})")
     return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
