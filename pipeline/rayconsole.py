@@ -1,0 +1,58 @@
+"""Ray's console settings for our users: what `ensure_ray` applies around `ray.init`.
+
+Each setting silences one Ray message that says nothing to someone running discomv, at its source
+(an environment setting Ray reads, the level of the one Ray logger that says it, or a filter on the
+one message); Ray's errors and every warning not named here still show. Measured on `discomv demo
+--videos 4` (docs/browse.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+AUTH_MODE = "RAY_AUTH_MODE"
+# Ray Data's own loggers whose WARNINGs are about display only (their errors still show)
+QUIET_LOGGERS = {
+    # "Progress bars disabled. To enable, set ...enable_progress_bars = True": we show our own bar per stage
+    "ray.data._internal.progress": logging.ERROR,
+}
+# A UserWarning Ray Data raises (warnings.warn) for each actor stage with fewer batches than actors:
+# a small run has few batches by design, and the actors simply start as the batches come.
+ACTOR_POOL_WARNING = r"The minimum number of concurrent actors for .* is set to"
+
+
+def before_init(address: str | None) -> None:
+    """Environment Ray reads in `ray.init`. Ray 2.60 turns token authentication on for a new local
+    cluster and warns that it did ("Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to
+    opt out"); asking for token mode explicitly keeps authentication on and the warning off. On a
+    cluster (`RAY_ADDRESS`), token mode is asked for only where a token exists, as Ray would choose."""
+    if AUTH_MODE in os.environ:
+        return  # the user's own choice
+    if not address or (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ[AUTH_MODE] = "token"
+
+
+def after_init() -> None:
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=ACTOR_POOL_WARNING, category=UserWarning,
+                            module=r"ray\.data\._internal\.execution\.operators\.actor_pool_map_operator")
+
+
+def describe(context: Any, address: str | None) -> str:
+    """The line a run starts with: where Ray runs, its CPUs/GPUs, and the dashboard's URL (or why none)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    where = f"cluster {address}" if address else "embedded Ray on this machine"
+    size = f"{resources.get('CPU', 0):g} CPUs" + (f", {resources['GPU']:g} GPUs" if resources.get("GPU") else "")
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        dashboard = f"dashboard http://{url}"
+    else:
+        dashboard = "no dashboard (it needs `pip install 'ray[default]'`)"
+    return f"ray: {where} ({size}); {dashboard}"
