@@ -34,6 +34,9 @@ def before_init(address: str | None) -> None:
         return  # the user's own choice
     if not address or (Path.home() / ".ray" / "auth_token").is_file():
         os.environ[AUTH_MODE] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray caches its config when imported: re-read it, as Ray does when it sets the mode
 
 
 def after_init() -> None:
@@ -49,7 +52,8 @@ def describe(context: Any, address: str | None) -> str:
 
     resources = ray.cluster_resources()
     where = f"cluster {address}" if address else "embedded Ray on this machine"
-    size = f"{resources.get('CPU', 0):g} CPUs" + (f", {resources['GPU']:g} GPUs" if resources.get("GPU") else "")
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    size = f"{cpus:g} CPU{'s' * (cpus != 1)}" + (f", {gpus:g} GPU{'s' * (gpus != 1)}" if gpus else "")
     url = getattr(context, "dashboard_url", None)
     if url:
         dashboard = f"dashboard http://{url}"

@@ -277,10 +277,6 @@ def fetch_all_weights(cfg) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _finish_demo(work: Path, config_path: Path) -> int:
     """After the stages: verify the shards, a short training run on them, the audit report."""
     from pipeline.tools.demo import TRAIN_STEPS
@@ -295,3 +291,7 @@ def _finish_demo(work: Path, config_path: Path) -> int:
     print(f"report: {work / 'report.html'}   dataset card: {work / 'DATASET_CARD.md'}   training log: {runs / 'log.csv'}")
     print(f"next: make status CONFIG={config_path}   (or any stage: make filter CONFIG={config_path})")
     return code
+
+
+if __name__ == "__main__":  # last: `python -m pipeline.tools.cli` needs every function above defined
+    sys.exit(main())

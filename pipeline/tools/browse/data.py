@@ -159,7 +159,7 @@ def page(tables: Tables, kind: str, params: dict[str, str]) -> dict[str, Any]:
     offset = max(0, int(params.get("offset") or 0))
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     con = tables.connection()
-    total = con.execute(f"SELECT count(*) FROM {kind} {clause}", args).fetchone()[0]
+    total = con.sql(f"SELECT count(*) FROM {kind} {clause}", params=args).fetchall()[0][0]
     rows = _rows(con, f"SELECT {', '.join(columns)} FROM {kind} {clause} ORDER BY {sort} {order} NULLS LAST, key "
                  f"LIMIT {limit} OFFSET {offset}", args)
     return {"columns": columns, "rows": rows, "total": total, "offset": offset, "limit": limit}
@@ -168,7 +168,7 @@ def page(tables: Tables, kind: str, params: dict[str, str]) -> dict[str, Any]:
 def facets(tables: Tables, kind: str) -> dict[str, list[Any]]:
     """The values each exact filter of a table can take (for its drop-downs)."""
     con = tables.connection()
-    return {name: [r[0] for r in con.execute(
+    return {name: [r[0] for r in con.sql(
         f"SELECT DISTINCT {name} FROM {kind} WHERE {name} IS NOT NULL ORDER BY 1").fetchall()]
         for name in EXACT if name in COLUMNS[kind]}
 
