@@ -46,6 +46,15 @@ def after_init() -> None:
                             module=r"ray\.data\._internal\.execution\.operators\.actor_pool_map_operator")
 
 
+def quiet_data_context(data_context: Any) -> None:
+    """Ray Data's high-memory issue detector ("Operator 'MapBatches(WireStageWorker)' used up to 4.1GiB
+    of memory per worker ... set `memory=...`", then "Found 1 issues. To disable issue detection ...")
+    advises the code that declares an actor's memory (a stage's `resources`), which our users do not
+    write; the other detectors stay on."""
+    config = data_context.issue_detectors_config
+    config.detectors = [d for d in config.detectors if d.__name__ != "HighMemoryIssueDetector"]
+
+
 def describe(context: Any, address: str | None) -> str:
     """The line a run starts with: where Ray runs, its CPUs/GPUs, and the dashboard's URL (or why none)."""
     import ray

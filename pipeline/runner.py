@@ -170,6 +170,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.execution_options.preserve_order = False
+    rayconsole.quiet_data_context(data_context)
 
 
 def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row]):

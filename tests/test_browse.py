@@ -30,6 +30,7 @@ RAY_NOISE = [
     r"Progress bars disabled\. To enable",
     r"The minimum number of concurrent actors for",
     r"^\s*warnings\.warn\($",
+    r"issue_detector_manager|Found \d+ issues\. To disable issue detection",
 ]
 
 
