@@ -5,7 +5,7 @@ SET ?=
 ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 STAGES = ingest download filter separate clips beats tokens features shards
 
-.PHONY: setup apt pip demo test lint run audit verify cost status train compact weights bench bench-gpu cluster-demo $(STAGES)
+.PHONY: setup apt pip demo test lint run audit browse verify cost status train compact weights bench bench-gpu cluster-demo $(STAGES)
 
 setup: apt pip  ## install everything: apt (ffmpeg, espeak-ng, sox) and the project with pinned deps
 
@@ -45,6 +45,10 @@ verify:  ## re-read every shard: checksums, members, arrays, one shard per shard
 
 audit:  ## funnel, terminal states, reasons; audit.parquet, report.html, DATASET_CARD.md
 	discomv audit $(ARGS) --html report.html --card DATASET_CARD.md
+
+PORT ?= 8765
+browse:  ## a local read-only web app over the manifests and shards: make browse CONFIG=demo/config.yaml [PORT=8765]
+	discomv browse $(ARGS) --port $(PORT)
 
 status:
 	discomv status $(ARGS)

@@ -186,26 +186,31 @@ def _progress(total: int, name: str, enabled: bool) -> Any:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray with a quiet console (pipeline/rayconsole.py) and log
+    one line: where it runs and the dashboard's URL."""
     import ray
+
+    from pipeline import rayconsole
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    rayconsole.before_init(address)
     context = ray.init(
         address=address or None,
         num_cpus=None if address else num_cpus,
         logging_level=logging.WARNING,
         configure_logging=True,
     )
-    url = getattr(context, "dashboard_url", None)
-    where = f"cluster {address}" if address else "embedded Ray on this machine"
-    log.info("ray: %s%s", where, f"; dashboard http://{url}" if url else "")
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    rayconsole.after_init()
+    log.info(rayconsole.describe(context, address))
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.execution_options.preserve_order = False
+    rayconsole.quiet_data_context(data_context)
 
 
 def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row], summary: RunSummary):

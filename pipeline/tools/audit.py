@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.manifest import COMMON_NAMES, ManifestStore
 from pipeline.runner import reason_class
@@ -131,7 +132,7 @@ def lineage(store: ManifestStore, key: str) -> list[dict[str, Any]]:
         table = store.read(name)
         if table is None:
             continue
-        rows = [r for r in table.to_pylist() if r["key"] == key]
+        rows = table.filter(pc.equal(table["key"], key)).to_pylist()
         for row in sorted(rows, key=lambda r: r["finished_at"]):
             out.append({"stage": name, **row})
     return out

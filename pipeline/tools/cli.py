@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the joined table as Parquet (default <manifest_root>/audit.parquet)")
     p.add_argument("--html", help="write a self-contained HTML report with plots to this path")
     p.add_argument("--card", help="write a Markdown dataset card to this path")
+    p = sub.add_parser("browse", help="a local read-only web app: the candidates and clips, play a clip with "
+                       "its instrumental and beats, the frames the filter saw")
+    _common(p)
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 shares it on a trusted network)")
     p = sub.add_parser("verify", help="re-read every shard: sha256, members, arrays, one shard per sharded clip")
     _common(p)
     p = sub.add_parser("takedown", help="remove videos/clips from the shards (rewriting only those) and mark them")
@@ -87,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the offline demo corpus, serve it on 127.0.0.1 and run the pipeline")
     p.add_argument("--out", default="demo", help="demo working folder (default: demo/)")
     p.add_argument("--videos", type=int, default=8, help="number of synthetic videos")
+    p.add_argument("--port", type=int, default=18765,
+                   help="port of the local server the videos are downloaded from (fixed: keys depend on it)")
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -123,14 +131,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.tools.summary import print_run, print_status
     from stages import STAGES
 
+    progress = not getattr(args, "no_progress", False) and sys.stderr.isatty()  # a bar in a log file is noise
     if args.command == "demo":
+        from pipeline.runner import ensure_ray
         from pipeline.tools.demo import run_demo
 
-        config_path = run_demo(args.out, n_videos=args.videos, progress=not args.no_progress)
+        ensure_ray()  # first: the line naming where Ray runs and its dashboard
+        config_path = run_demo(args.out, n_videos=args.videos, progress=progress, port=args.port)
         return _finish_demo(config_path.parent, config_path)
     cfg = load_config(args.config, args.overrides)
     if args.command in STAGES:
-        run_stage(args.command, cfg, progress=not args.no_progress)
+        run_stage(args.command, cfg, progress=progress)
         return 0
     if args.command == "run":
         names = list(STAGES)
@@ -140,7 +151,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         stages = [STAGES[name](cfg.stage(name), cfg.run) for name in chosen]  # options checked, then weights,
         for stage in stages:  # before hours of work start
             stage.preflight()
-        summaries = [run_stage(name, cfg, progress=not args.no_progress) for name in chosen]
+        from pipeline.runner import ensure_ray
+
+        ensure_ray(cfg.run.num_cpus)
+        summaries = [run_stage(name, cfg, progress=progress) for name in chosen]
         print_status(cfg)
         print_run(summaries)
         return 0
@@ -173,6 +187,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_takedown(cfg, args.keys, args.file)
     if args.command == "audit":
         return run_audit(args, cfg)
+    if args.command == "browse":
+        from pipeline.tools.browse import serve
+
+        return serve(cfg, args.config, args.host, args.port)
     if args.command == "weights":
         return fetch_all_weights(cfg)
     raise AssertionError(args.command)
@@ -286,5 +304,5 @@ def _finish_demo(work: Path, config_path: Path) -> int:
     return code
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # last: `python -m pipeline.tools.cli` needs every function above defined
     sys.exit(main())

@@ -140,7 +140,7 @@ def write_config(work: Path, inputs: list[str], ingest: dict[str, Any] | None = 
     return path
 
 
-def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> Path:
+def run_demo(out: str, n_videos: int = 8, progress: bool = True, port: int = DEMO_PORT) -> Path:
     """Every stage over a synthetic corpus served from 127.0.0.1; returns the demo's config file
     (the command line then verifies, trains and audits, as a user would)."""
     from pipeline.runner import run_stage
@@ -151,7 +151,7 @@ def run_demo(out: str, n_videos: int = 8, progress: bool = True) -> Path:
     log.info("demo: making %d synthetic music videos in %s", n_videos, work / "source")
     entries = make_corpus(work / "source", n_videos)
     # A fixed port keeps URLs, and so keys, stable across demo re-runs (a re-run does nothing).
-    with LocalServer(work / "source", port=DEMO_PORT) as server:
+    with LocalServer(work / "source", port=port) as server:
         parquet = write_disco_parquet(work / "disco10m_demo.parquet", server.url, entries)
         urls = work / "urls.txt"
         urls.write_text(f"{server.url}/{entries[1]['file']}\nftp://example.org/song.mp4\n")
