@@ -20,7 +20,8 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
+from pipeline.manifest import ManifestStore, full_schema, params_hash
+from pipeline.plan import plan_stage, upstream_chain  # noqa: F401  (upstream_chain: moved, re-exported)
 from pipeline.stage import AUTO, STATUSES, Resources, Row, SourceStage, Stage
 from pipeline.worker import StageWorker, prepare_in_task, process_in_task
 
@@ -56,34 +57,14 @@ def stage_params_hash(stage: Stage) -> str:
     return params_hash({"stage": stage.name, "version": stage.version, **stage.params()})
 
 
-def upstream_chain(stage_cls: type[Stage], registry: Mapping[str, type[Stage]]) -> list[str]:
-    chain: list[str] = []
-    up = stage_cls.upstream
-    while up:
-        chain.insert(0, up)
-        up = registry[up].upstream
-    return chain
-
-
 def input_rows(stage: Stage, store: ManifestStore, registry: Mapping[str, type[Stage]]) -> list[Row]:
     """Rows a stage works on: its source files, or upstream-ok keys with every upstream stage's
-    own columns merged (the upstream chain)."""
+    own columns merged (the upstream chain). Every row at once: for tests and small corpora;
+    `run_stage` takes them a window at a time (pipeline/plan.py)."""
     if isinstance(stage, SourceStage):
         return stage.source_rows()
-    chain = upstream_chain(type(stage), registry)
-    latest = {name: store.latest_rows(name) for name in chain}
-    fan_out = next((i for i, name in enumerate(chain) if registry[name].fans_out), len(chain))
-    rows = []
-    for key in store.ok_keys(chain[-1]):
-        row: Row = {"key": key}
-        for name in reversed(chain):  # clip-level stages first: they name the clip's video
-            lookup = key if chain.index(name) >= fan_out else row.get("video_key", key)
-            prev = latest[name].get(lookup)
-            if prev:
-                row.update({k: v for k, v in prev.items() if k not in COMMON_NAMES and k not in row})
-                row.setdefault("upstream_weights", {})[name] = prev.get("weights")
-        rows.append(row)
-    return rows
+    plan = plan_stage(stage, store, registry, phash="", retry_failed=False)
+    return [row for window in plan.windows() for row in window]
 
 
 def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, progress: bool = True) -> RunSummary:
@@ -91,13 +72,9 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     stage = stage_cls(cfg.stage(name), cfg.run)
     store = ManifestStore(cfg.run.manifest_root)
     phash = stage_params_hash(stage)
-    rows = input_rows(stage, store, cfg.registry)
-    done = store.done_keys(
-        name, stage.version, phash, retry_failed=cfg.run.retry_failed, by="video_key" if stage.fans_out else "key"
-    )
-    pending = [r for r in rows if r["key"] not in done]
-    summary = RunSummary(stage=name, total=len(rows), already_done=len(rows) - len(pending))
-    if not pending:
+    plan = plan_stage(stage, store, cfg.registry, phash, retry_failed=cfg.run.retry_failed)
+    summary = RunSummary(stage=name, total=plan.total, already_done=plan.already_done)
+    if not plan.pending:
         log.info(summary.line())
         return summary
 
@@ -107,10 +84,10 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     started = time.perf_counter()
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
-    bar = _progress(len(pending), name, progress)
+    bar = _progress(plan.pending, name, progress)
     # Flush only between batches: a fan-out stage's rows for one input are then never split
     # across parts, so an input is either wholly recorded or wholly redone.
-    for batch in _execute(stage_cls, cfg, name, pending):
+    for batch in (b for window in plan.windows() for b in _execute(stage_cls, cfg, name, window)):
         inputs = {r.get("video_key", r["key"]) if stage.fans_out else r["key"] for r in batch}
         for result in batch:
             result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)

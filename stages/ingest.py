@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,21 +94,95 @@ class Ingest(SourceStage):
         return Resources(num_cpus=1, batch_size=512)
 
     def source_rows(self) -> list[Row]:
+        keys = self.source_keys()
+        return [row for window in self.source_windows(keys.column("ord").to_numpy(), 1 << 16) for row in window]
+
+    def source_keys(self) -> pa.Table:
+        """Pass 1, streamed over the id/URL columns only: (key, ord) of every candidate kept, in
+        input order (ord counts rows across the inputs). The first input row of a key keeps it
+        (a duckdb group-by, not a Python set of 15M keys); the others go to `also_in`. With a
+        limit, reading stops once that many candidates are found (later duplicates of them are
+        then not listed in `also_in`)."""
+        limit, sample = self.config.limit, self.config.sample
+        seen: set[str] = set()  # only with a limit: at most `limit` keys
+        chunks = []
+        for source, path, columns, start, _ in self._read_inputs():
+            index = 0
+            for batch in _stream(path, [columns[f] for f in ("url", "youtube_id") if f in columns]):
+                keys = [_key(_raw(rec, columns), source, path, index + i)[0] for i, rec in enumerate(batch)]
+                if limit is not None:
+                    stop = next((i for i, k in enumerate(keys) if _take(k, seen, sample) and len(seen) >= limit), None)
+                    keys = keys if stop is None else keys[: stop + 1]
+                chunks.append(pa.table({"key": pa.array(keys, pa.string()),
+                                        "ord": pa.array(range(start + index, start + index + len(keys)), pa.int64())}))
+                index += len(batch)
+                if limit is not None and len(seen) >= limit:
+                    break
+            if limit is not None and len(seen) >= limit:
+                break
+        empty = pa.table({"key": pa.array([], pa.string()), "ord": pa.array([], pa.int64())})
+        return self._dedupe(pa.concat_tables(chunks) if chunks else empty)
+
+    def _dedupe(self, candidates: pa.Table) -> pa.Table:
+        from pipeline.manifest import connect
+
+        with connect() as con:
+            con.register("candidates", candidates)
+            con.execute("CREATE TEMP TABLE firsts AS SELECT key, min(ord) AS ord, count(*) AS n FROM candidates "
+                        "GROUP BY key")
+            dups = con.sql("SELECT c.key, c.ord FROM candidates c JOIN firsts f ON c.key = f.key AND f.n > 1 "
+                           "AND c.ord > f.ord ORDER BY c.ord").fetchall()
+            kept = con.sql("SELECT key, ord FROM firsts ORDER BY ord").to_arrow_table()
+        self._also_in: dict[str, list[str]] = {}
+        for key, ord_ in dups:
+            source, path, _, start, _ = next(i for i in self._inputs if i[3] <= ord_ < i[3] + i[4])
+            self._also_in.setdefault(key, []).append(f"{source}:{path}:{ord_ - start}")
+        if self.config.sample is not None:
+            keep = [_fraction(k) < self.config.sample for k in kept.column("key").to_pylist()]
+            kept = kept.filter(pa.array(keep, pa.bool_()))
+        if self.config.limit is not None:
+            kept = kept.slice(0, self.config.limit)
+        return kept
+
+    def _read_inputs(self) -> list[tuple[str, Path, dict[str, str], int, int]]:
+        """(source, path, chosen columns, first ord, rows) per input, from names and row counts."""
         if not self.config.inputs:
             raise InputError("ingest.inputs is empty: pass --set ingest.inputs=[path,...] or a config file")
-        by_key: dict[str, Row] = {}
+        self._inputs, start = [], 0
         for spec in self.config.inputs:
             source, path = _source_and_path(spec)
-            for row in read_input(path, source, self.config.default_license):
-                first = by_key.setdefault(row["key"], row)
-                if first is not row:
-                    first["also_in"].append(f"{source}:{path}:{row['input_row']}")
-        rows = list(by_key.values())
-        if self.config.sample is not None:
-            rows = [r for r in rows if _fraction(r["key"]) < self.config.sample]
-        if self.config.limit is not None:
-            rows = rows[: self.config.limit]
-        return rows
+            names, rows = _open_input(path)
+            self._inputs.append((source, path, _pick_columns(path, names), start, rows))
+            start += rows
+        return self._inputs
+
+    def source_windows(self, ords: Any, size: int) -> Iterator[list[Row]]:
+        """Pass 2: the candidate rows of `ords` (sorted, from `source_keys`), `size` at a time,
+        read back with only the columns ingest records (never an embedding)."""
+        import numpy as np
+
+        ords = np.asarray(ords, dtype=np.int64)
+        window: list[Row] = []
+        for source, path, columns, start, rows in self._inputs:
+            lo, hi = np.searchsorted(ords, [start, start + rows])
+            if lo == hi:
+                continue
+            wanted = set((ords[lo:hi] - start).tolist()) if hi - lo < rows else None
+            last, index = int(ords[hi - 1]) - start, 0
+            for batch in _stream(path, _wanted_columns(path, columns)):
+                for rec in batch:
+                    if wanted is None or index in wanted:
+                        row = _candidate(rec, index, columns, source, path, self.config.default_license)
+                        row["also_in"] = list(self._also_in.get(row["key"], []))
+                        window.append(row)
+                        if len(window) >= size:
+                            yield window
+                            window = []
+                    index += 1
+                if index > last:
+                    break
+        if window:
+            yield window
 
     def process(self, rows: list[Row]) -> list[Result]:
         results = []
@@ -137,27 +212,61 @@ def _source_and_path(spec: str) -> tuple[str, Path]:
     return ("disco10m" if path.suffix == ".parquet" else path.stem), path
 
 
-def read_input(path: Path, source: str, default_license: str) -> list[Row]:
+def read_input(path: Path, source: str, default_license: str) -> Iterator[Row]:
+    """Every candidate row of one input, streamed."""
+    names, _ = _open_input(path)
+    columns = _pick_columns(path, names)
+    index = 0
+    for batch in _stream(path, _wanted_columns(path, columns)):
+        for rec in batch:
+            yield _candidate(rec, index, columns, source, path, default_license)
+            index += 1
+
+
+def _open_input(path: Path) -> tuple[list[str], int]:
+    """(column names, row count) of an input, without reading its rows (a Parquet footer)."""
     if not path.is_file():
         raise InputError(f"ingest input {path}: no such file")
     if path.stat().st_size == 0:
         raise InputError(f"ingest input {path}: empty file")
-    records = _read_parquet(path) if path.suffix == ".parquet" else _read_text_table(path)
-    if not records:
+    if path.suffix == ".parquet":
+        parquet = _parquet(path)
+        names = [n for n in parquet.schema_arrow.names if "embedding" not in n]
+        rows = parquet.metadata.num_rows
+    else:
+        records = _read_text_table(path)
+        names, rows = (list(records[0]) if records else []), len(records)
+    if not rows:
         raise InputError(f"ingest input {path}: no rows")
-    columns = _pick_columns(path, list(records[0]))
-    return [_candidate(rec, i, columns, source, path, default_license) for i, rec in enumerate(records)]
+    return names, rows
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _stream(path: Path, columns: list[str], batch_rows: int = 65_536) -> Iterator[list[dict[str, Any]]]:
+    """Records of an input in batches: a Parquet file row group by row group with only `columns`
+    (large vectors such as DISCO-10M's audio_embedding_spotify are never read)."""
+    if path.suffix != ".parquet":
+        records = _read_text_table(path)
+        for i in range(0, len(records), batch_rows):
+            yield records[i:i + batch_rows]
+        return
+    for batch in _parquet(path).iter_batches(batch_size=batch_rows, columns=columns):
+        yield batch.to_pylist()
+
+
+def _wanted_columns(path: Path, columns: dict[str, str]) -> list[str]:
+    """The mapped columns and DISCO-10M's similarity_* scores, in file order."""
+    names, _ = _open_input(path) if path.suffix == ".parquet" else ([], 0)
+    chosen = set(columns.values())
+    return [n for n in names if n in chosen or n.startswith("similarity_")]
+
+
+def _parquet(path: Path) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
         raise InputError(f"ingest input {path}: not a readable Parquet file ({e})") from e
-    drop = [c for c in table.column_names if "embedding" in c]  # large vectors we never use
-    return table.drop_columns(drop).to_pylist()
 
 
 def _read_text_table(path: Path) -> list[dict[str, Any]]:
@@ -198,14 +307,10 @@ def _candidate(
     rec: dict[str, Any], index: int, columns: dict[str, str], source: str, path: Path, default_license: str
 ) -> Row:
     def get(field_name: str) -> Any:
-        col = columns.get(field_name)
-        value = rec.get(col) if col else None
-        return value.strip() if isinstance(value, str) else value
+        return _field(rec, columns, field_name)
 
-    raw = get("url") or get("youtube_id") or ""
-    key, url, youtube_id, problem = canonical(str(raw))
-    if problem:
-        key = "bad_" + hashlib.sha1(f"{source}:{path}:{index}:{raw}".encode()).hexdigest()[:16]
+    raw = _raw(rec, columns)
+    key, url, youtube_id, problem = _key(raw, source, path, index)
     artist_id = get("artist_id")
     if isinstance(artist_id, (list, tuple)):
         artist_id = artist_id[0] if artist_id else None
@@ -228,6 +333,32 @@ def _candidate(
         "input_row": index,
         "disco_scores": json.dumps(scores) if scores else None,
     }
+
+
+def _field(rec: dict[str, Any], columns: dict[str, str], field_name: str) -> Any:
+    col = columns.get(field_name)
+    value = rec.get(col) if col else None
+    return value.strip() if isinstance(value, str) else value
+
+
+def _raw(rec: dict[str, Any], columns: dict[str, str]) -> Any:
+    return _field(rec, columns, "url") or _field(rec, columns, "youtube_id") or ""
+
+
+def _key(raw: Any, source: str, path: Path, index: int) -> tuple[str, str | None, str | None, str | None]:
+    """canonical() of a row's URL/id, with a rejected row keyed `bad_<sha1 of where it is>`."""
+    key, url, youtube_id, problem = canonical(str(raw))
+    if problem:
+        key = "bad_" + hashlib.sha1(f"{source}:{path}:{index}:{raw}".encode()).hexdigest()[:16]
+    return key, url, youtube_id, problem
+
+
+def _take(key: str, seen: set[str], sample: float | None) -> bool:
+    """Count a key toward a limit: new, and in the sample."""
+    if key in seen or (sample is not None and _fraction(key) >= sample):
+        return False
+    seen.add(key)
+    return True
 
 
 def canonical(raw: str) -> tuple[str, str | None, str | None, str | None]:
