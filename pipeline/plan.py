@@ -53,7 +53,7 @@ def plan_stage(
     if ok is None:
         return Plan(0, 0, lambda: iter(()))
     with connect() as con:
-        total, pending = con.sql(
+        total, pending = con.execute(
             f"SELECT (SELECT count(*) FROM {ok}), (SELECT count(*) FROM (SELECT key FROM {ok} ANTI JOIN {done} "
             "USING (key)))"
         ).fetchone()
@@ -64,14 +64,15 @@ def _plan_source(stage: SourceStage, done: str, window: int) -> Plan:
     if not hasattr(stage, "source_keys"):  # a source without a key pass: its rows as a list
         rows = stage.source_rows()
         with connect() as con:
-            keys = pa.table({"key": pa.array([r["key"] for r in rows], pa.string())})
-            done_keys = set(con.sql(f"SELECT key FROM keys SEMI JOIN {done} USING (key)").fetchnumpy()["key"])
+            con.register("keys", pa.table({"key": pa.array([r["key"] for r in rows], pa.string())}))
+            done_keys = set(con.execute(f"SELECT key FROM keys SEMI JOIN {done} USING (key)").fetchnumpy()["key"])
         pending = [r for r in rows if r["key"] not in done_keys]
         return Plan(len(rows), len(pending),
                     lambda: (pending[i:i + window] for i in range(0, len(pending), window)))
     keys = stage.source_keys()  # key, ord: the deduped candidates in input order
     with connect() as con:
-        ords = con.sql(f"SELECT ord FROM keys ANTI JOIN {done} USING (key) ORDER BY ord").fetchnumpy()["ord"]
+        con.register("keys", keys)
+        ords = con.execute(f"SELECT ord FROM keys ANTI JOIN {done} USING (key) ORDER BY ord").fetchnumpy()["ord"]
     return Plan(keys.num_rows, len(ords), lambda: stage.source_windows(ords, window))
 
 

@@ -130,7 +130,7 @@ class Ingest(SourceStage):
             con.register("candidates", candidates)
             con.execute("CREATE TEMP TABLE firsts AS SELECT key, min(ord) AS ord, count(*) AS n FROM candidates "
                         "GROUP BY key")
-            dups = con.sql("SELECT c.key, c.ord FROM candidates c JOIN firsts f ON c.key = f.key AND f.n > 1 "
+            dups = con.execute("SELECT c.key, c.ord FROM candidates c JOIN firsts f ON c.key = f.key AND f.n > 1 "
                            "AND c.ord > f.ord ORDER BY c.ord").fetchall()
             kept = con.sql("SELECT key, ord FROM firsts ORDER BY ord").to_arrow_table()
         self._also_in: dict[str, list[str]] = {}
