@@ -155,9 +155,9 @@ def lineage(store: ManifestStore, key: str) -> list[dict[str, Any]]:
                 continue
             files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in store.parts(name))
             cols = ", ".join(f'"{c}"' for c in schema.names)
-            table = con.execute(
+            table = con.sql(
                 f"SELECT {cols} FROM read_parquet([{files}], union_by_name=true, filename=true, file_row_number=true) "
-                "WHERE key = ? ORDER BY filename, file_row_number", [key]).to_arrow_table()
+                "WHERE key = $key ORDER BY filename, file_row_number", params={"key": key}).to_arrow_table()
             rows = conform(table, schema).to_pylist()
             for row in sorted(rows, key=lambda r: r["finished_at"]):
                 out.append({"stage": name, **row})
