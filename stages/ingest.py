@@ -167,11 +167,12 @@ class Ingest(SourceStage):
             lo, hi = np.searchsorted(ords, [start, start + rows])
             if lo == hi:
                 continue
-            wanted = set((ords[lo:hi] - start).tolist()) if hi - lo < rows else None
+            wanted = np.zeros(rows, dtype=bool)  # a bit per input row, not a set of 15M ints
+            wanted[ords[lo:hi] - start] = True
             last, index = int(ords[hi - 1]) - start, 0
             for batch in _stream(path, _wanted_columns(path, columns)):
                 for rec in batch:
-                    if wanted is None or index in wanted:
+                    if wanted[index]:
                         row = _candidate(rec, index, columns, source, path, self.config.default_license)
                         row["also_in"] = list(self._also_in.get(row["key"], []))
                         window.append(row)

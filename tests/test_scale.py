@@ -139,3 +139,20 @@ def test_ingest_limit_stops_reading_and_skips_embeddings(tmp_path: Path, monkeyp
     assert rows[0]["disco_scores"] == '{"similarity_clip": 0.5}' and rows[0]["title"] == "t"
     assert sum(size for _, size in read) < n / 2, "a limit must stop reading early"
     assert all("audio_embedding_spotify" not in cols for cols, _ in read)
+
+
+def test_ingest_rerun_reads_back_only_pending_rows(tmp_path: Path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"{i:011d}\n" for i in range(30)) + f"{3:011d}\n")  # a duplicate of row 3
+    cfg = make_config(tmp_path, [str(ids)])
+    stage = ingest_mod.Ingest(cfg.stage("ingest"), cfg.run)
+    phash = stage_params_hash(stage)
+    store = ManifestStore(tmp_path / "m")
+    done = [{"key": f"yt_{i:011d}", "status": "ok", "stage_version": stage.version, "params_hash": phash,
+             "finished_at": T0} for i in range(0, 30, 2)]
+    store.append("ingest", full_schema(stage.schema), done)
+    plan = plan_stage(stage, store, STAGES, phash, window=4)
+    rows = [r for w in plan.windows() for r in w]
+    assert (plan.total, plan.pending) == (30, 15)
+    assert [r["key"] for r in rows] == [f"yt_{i:011d}" for i in range(1, 30, 2)]
+    assert rows[1]["also_in"] == [f"ids:{ids}:30"] and rows[1]["input_row"] == 3
