@@ -198,8 +198,10 @@ class ManifestStore:
         schema = self.schema(stage)
         if schema is None or len(old) <= 1:
             self._remove_temp(stage)
-            rows = 0 if schema is None else pq.ParquetFile(old[0]).metadata.num_rows
-            return len(old), rows
+            if schema is None:
+                return 0, 0
+            with connect() as con:
+                return 1, con.execute(f"SELECT count(*) FROM {self.latest_sql(stage, ['key'])}").fetchone()[0]
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-L{COMPACT_LEVEL}.parquet"
         new = self.stage_dir(stage) / name
         rows = 0
