@@ -87,23 +87,23 @@ class ManifestStore:
         return d / name
 
     def merge(self, stage: str, fanin: int = MERGE_FANIN) -> int:
-        """While the newest `fanin` parts share a level, merge them (every row, history kept) into
-        one part of the next level. Levels never rise along part order, so a merge takes a suffix
-        of the parts and the merged part (named after the newest it holds) keeps their place in
-        the order readers break finished_at ties by. Returns how many merges ran."""
-        merges = 0
-        while True:
-            parts = self.parts(stage)
-            if len(parts) < fanin:
-                return merges
-            level = part_level(parts[-1])
-            run = parts[-fanin:]
-            if any(part_level(p) != level for p in run):
-                return merges
+        """Merge each run of `fanin` consecutive parts of one level (every row, history kept) into
+        one part of the next level, until none is left; returns how many merges ran. After each
+        append only the newest parts can form a run (levels never rise along part order, like a
+        counter in base `fanin`); a pile of parts left by older code is merged oldest run first.
+        The merged part is named after the newest part it holds, so it keeps their place in the
+        order readers break finished_at ties by."""
+        parts = self.parts(stage)
+        levels = [part_level(p) for p in parts]
+        merges, i = 0, 0
+        while i + fanin <= len(parts):
+            if len(set(levels[i:i + fanin])) > 1:
+                i += 1
+                continue
+            run = parts[i:i + fanin]
             base = _LEVEL.sub("", run[-1].name.removesuffix(".parquet"))
-            target = run[-1].with_name(f"{base}-L{level + 1}.parquet")
-            schema = self.schema(stage, run)
-            with _AtomicPart(target, schema) as out:
+            target = run[-1].with_name(f"{base}-L{levels[i] + 1}.parquet")
+            with _AtomicPart(target, self.schema(stage, run)) as out:
                 for p in run:
                     for batch in pq.ParquetFile(p).iter_batches(batch_size=WRITE_ROWS):
                         out.write(pa.Table.from_batches([batch]))
@@ -111,7 +111,9 @@ class ManifestStore:
                 if p != target:
                     p.unlink()
             _fsync_dir(self.stage_dir(stage))
-            merges += 1
+            parts[i:i + fanin], levels[i:i + fanin] = [target], [levels[i] + 1]
+            merges, i = merges + 1, max(0, i - fanin)
+        return merges
 
     def schema(self, stage: str, parts: list[Path] | None = None) -> pa.Schema | None:
         """The schema every part of the stage fits (as concatenating them would give)."""

@@ -156,3 +156,16 @@ def test_ingest_rerun_reads_back_only_pending_rows(tmp_path: Path):
     assert (plan.total, plan.pending) == (30, 15)
     assert [r["key"] for r in rows] == [f"yt_{i:011d}" for i in range(1, 30, 2)]
     assert rows[1]["also_in"] == [f"ids:{ids}:30"] and rows[1]["input_row"] == 3
+
+
+def test_a_pile_of_small_parts_is_merged_down(tmp_path: Path):
+    store = ManifestStore(tmp_path)
+    d = tmp_path / "s"
+    d.mkdir()
+    for i in range(300):  # as older code left them: never merged
+        pq.write_table(pa.Table.from_pylist([row(f"k{i % 70}", minutes=i, score=float(i))], schema=SCHEMA),
+                       d / f"part-{i:020d}-00000000.parquet")
+    before = {r["key"]: r["score"] for r in store.latest("s").to_pylist()}
+    assert store.merge("s") > 0
+    assert len(store.parts("s")) < 2 * MERGE_FANIN and store.read("s").num_rows == 300
+    assert {r["key"]: r["score"] for r in store.latest("s").to_pylist()} == before
