@@ -271,6 +271,8 @@ def main() -> int:
     ap.add_argument("--cap-gb", type=float, default=8.0, help="stop a driver past this RSS (shared machine)")
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--keep", action="store_true", help="keep the generated Parquet")
+    ap.add_argument("--reuse", action="store_true", help="use the Parquet a --keep run left in --out")
+    ap.add_argument("--codes", default="this,previous", help="which codes to measure (this,previous)")
     ap.add_argument("--phase", choices=(*PHASES, "synth"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--manifests", help=argparse.SUPPRESS)
@@ -281,16 +283,21 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = Path(args.out).resolve()
     data = out / "disco10m.parquet"
+    wanted = args.codes.split(",")
+    for label in wanted:
+        shutil.rmtree(out / label, ignore_errors=True)
+    if not (args.reuse and data.exists()):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        generate(data, args.rows)
     t0 = time.perf_counter()
-    generate(data, args.rows)
     print(f"generated {data} ({args.rows:,} rows, {data.stat().st_size / 2**30:.1f} GiB) in "
           f"{time.perf_counter() - t0:.0f}s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     full = args.rows > 2_000_000
     codes = {"this": ROOT} if args.no_baseline or full else {"this": ROOT, "previous": Path(args.baseline)}
+    codes = {label: code for label, code in codes.items() if label in wanted}
     results: dict[str, dict[str, dict]] = {}
     for label, code in codes.items():
         manifests = out / label / "manifests"
@@ -301,7 +308,7 @@ def main() -> int:
             results[label][name] = run_phase(code, name, data, manifests, args.cap_gb, args.timeout_s)
             print(f"  {label:8s} {name:7s} {json.dumps(results[label][name])}", flush=True)
             if name == "ingest":
-                if label != "this" and not list((manifests / "ingest").glob("part-*")):
+                if label != "this" and not list((manifests / "ingest").glob("part-*")) and (out / "this").is_dir():
                     shutil.copytree(out / "this" / "manifests" / "ingest", manifests / "ingest")
                     results[label][name]["note"] += " (its ingest manifest: this code's, to go on)"
                 synth = run_phase(code, "synth", data, manifests, args.cap_gb, args.timeout_s,

@@ -124,16 +124,20 @@ class ManifestStore:
 
     def latest_sql(self, stage: str, columns: list[str] | None = None) -> str | None:
         """SQL for the latest row per key (by finished_at, a null being newest as in a sort with
-        nulls last, then part order, then row order), over every part; None when there is none."""
+        nulls last, then part order, then row order), over every part; None when there is none.
+        The window runs over the key and ordering columns only (a window holds its whole input);
+        the winners' columns are then read by (file, row)."""
         parts = self.parts(stage)
         if not parts:
             return None
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-        cols = "*" if columns is None else ", ".join(_quote(c) for c in columns)
+        scan = f"read_parquet([{files}], union_by_name=true, file_row_number=true)"
+        columns = self.schema(stage, parts).names if columns is None else columns
+        cols = ", ".join("t." + _quote(c) for c in columns)
         return (
-            f"(SELECT {cols} FROM read_parquet([{files}], union_by_name=true, filename=true, "
-            "file_row_number=true) QUALIFY row_number() OVER (PARTITION BY key ORDER BY finished_at "
-            "DESC NULLS FIRST, filename DESC, file_row_number DESC) = 1)"
+            f"(SELECT {cols} FROM {scan} t SEMI JOIN (SELECT file_index AS fi, file_row_number AS rn FROM {scan} "
+            "QUALIFY row_number() OVER (PARTITION BY key ORDER BY finished_at DESC NULLS FIRST, file_index DESC, "
+            "file_row_number DESC) = 1) w ON t.file_index = w.fi AND t.file_row_number = w.rn)"
         )
 
     def read(self, stage: str) -> pa.Table | None:
