@@ -288,12 +288,13 @@ def main() -> int:
     wanted = args.codes.split(",")
     for label in wanted:
         shutil.rmtree(out / label, ignore_errors=True)
-    if not (args.reuse and data.exists()):
+    t0 = time.perf_counter()
+    reused = args.reuse and data.exists()
+    if not reused:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         generate(data, args.rows)
-    t0 = time.perf_counter()
-    print(f"generated {data} ({args.rows:,} rows, {data.stat().st_size / 2**30:.1f} GiB) in "
+    print(f"{'reused' if reused else 'generated'} {data} ({args.rows:,} rows, {data.stat().st_size / 2**30:.1f} GiB) in "
           f"{time.perf_counter() - t0:.0f}s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     full = args.rows > 2_000_000
     codes = {"this": ROOT} if args.no_baseline or full else {"this": ROOT, "previous": Path(args.baseline)}
