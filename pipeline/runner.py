@@ -1,7 +1,8 @@
 """Runs one Stage over its pending rows on Ray Data and appends results durably to its manifest.
 
 pending = rows ok in the upstream manifest − keys whose latest row here has the same stage
-version and params hash. Results stream back to the driver and are written as atomic part files
+version and params hash: an anti-join over the manifest parts, taken a window of rows at a time
+(pipeline/plan.py), so the driver never holds the corpus as Python rows. Results stream back to the driver and are written as atomic part files
 every `run.flush_rows` rows (or few seconds), so a kill loses at most the in-flight rows and a
 re-run redoes only those.
 """
@@ -14,15 +15,16 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.manifest import COMMON_NAMES, ManifestStore, full_schema, params_hash
+from pipeline.manifest import ManifestStore, full_schema, params_hash
 from pipeline.placement import actors_that_fit, check_gpus_exist, check_prepare_fits, cpus_each, task_slots
+from pipeline.plan import plan_stage
 from pipeline.stage import AUTO, STATUSES, Row, SourceStage, Stage
 from pipeline.worker import WireStageWorker, prepare_in_task, process_in_task
 
@@ -70,37 +72,6 @@ def stage_params_hash(stage: Stage) -> str:
     return params_hash({"stage": stage.name, "version": stage.version, **stage.params()})
 
 
-def upstream_chain(stage_cls: type[Stage], registry: Mapping[str, type[Stage]]) -> list[str]:
-    chain: list[str] = []
-    up = stage_cls.upstream
-    while up:
-        chain.insert(0, up)
-        up = registry[up].upstream
-    return chain
-
-
-def input_rows(stage: Stage, store: ManifestStore, registry: Mapping[str, type[Stage]]) -> list[Row]:
-    """Rows a stage works on: its source files, or upstream-ok keys with every upstream stage's
-    own columns merged (the upstream chain)."""
-    if isinstance(stage, SourceStage):
-        stage.map_batches = partial(map_source_batches, ray_cpus=stage.run.num_cpus)
-        return stage.source_rows()
-    chain = upstream_chain(type(stage), registry)
-    latest = {name: store.latest_rows(name) for name in chain}
-    fan_out = next((i for i, name in enumerate(chain) if registry[name].fans_out), len(chain))
-    rows = []
-    for key in store.ok_keys(chain[-1]):
-        row: Row = {"key": key}
-        for name in reversed(chain):  # clip-level stages first: they name the clip's video
-            lookup = key if chain.index(name) >= fan_out else row.get("video_key", key)
-            prev = latest[name].get(lookup)
-            if prev:
-                row.update({k: v for k, v in prev.items() if k not in COMMON_NAMES and k not in row})
-                row.setdefault("upstream_weights", {})[name] = prev.get("weights")
-        rows.append(row)
-    return rows
-
-
 def map_source_batches(
     fn: Callable[[Any], Any], batches: list[Any], parallel: int, num_cpus: float = 1.0, ray_cpus: int | None = None
 ) -> Iterator[Any]:
@@ -129,15 +100,13 @@ def _call(fn: Callable[[Any], Any], batch: Any) -> Any:
 def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, progress: bool = True) -> RunSummary:
     stage_cls = stage_cls or cfg.registry[name]
     stage = stage_cls(cfg.stage(name), cfg.run)
+    if isinstance(stage, SourceStage):  # its I/O-bound source work fans out as Ray tasks
+        stage.map_batches = partial(map_source_batches, ray_cpus=cfg.run.num_cpus)
     store = ManifestStore(cfg.run.manifest_root)
     phash = stage_params_hash(stage)
-    rows = input_rows(stage, store, cfg.registry)
-    done = store.done_keys(
-        name, stage.version, phash, retry_failed=cfg.run.retry_failed, by="video_key" if stage.fans_out else "key"
-    )
-    pending = [r for r in rows if r["key"] not in done]
-    summary = RunSummary(stage=name, total=len(rows), already_done=len(rows) - len(pending))
-    if not pending:
+    plan = plan_stage(stage, store, cfg.registry, phash, retry_failed=cfg.run.retry_failed)
+    summary = RunSummary(stage=name, total=plan.total, already_done=plan.already_done)
+    if not plan.pending:
         log.info(summary.line())
         return summary
 
@@ -147,10 +116,10 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     started = time.perf_counter()
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
-    bar = _progress(len(pending), name, progress)
+    bar = _progress(plan.pending, name, progress)
     # Flush only between batches: a fan-out stage's rows for one input are then never split
     # across parts, so an input is either wholly recorded or wholly redone.
-    for batch in _execute(stage_cls, cfg, name, pending, summary):
+    for batch in (b for window in plan.windows() for b in _execute(stage_cls, cfg, name, window, summary)):
         inputs = {r.get("video_key", r["key"]) if stage.fans_out else r["key"] for r in batch}
         for result in batch:
             result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)

@@ -217,14 +217,20 @@ def read_input(path: Path, source: str, default_license: str) -> list[Row]:
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """Only the columns ingest records, read row group by row group: DISCO-10M's 512-float
+    `audio_embedding_spotify` (and any other column we never use) is never read."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        wanted = {c for candidates in COLUMNS.values() for c in candidates}
+        columns = [c for c in names if (c in wanted or c.startswith("similarity_")) and "embedding" not in c]
+        if not columns:
+            columns = [c for c in names if "embedding" not in c]  # let _pick_columns name what is missing
+        return [row for batch in parquet.iter_batches(columns=columns, batch_size=65_536) for row in batch.to_pylist()]
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
         raise InputError(f"ingest input {path}: not a readable Parquet file ({e})") from e
-    drop = [c for c in table.column_names if "embedding" in c]  # large vectors we never use
-    return table.drop_columns(drop).to_pylist()
 
 
 def _read_text_table(path: Path) -> list[dict[str, Any]]:

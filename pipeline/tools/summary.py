@@ -6,23 +6,29 @@ from collections import Counter
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.manifest import ManifestStore
-from pipeline.runner import reason_class
+from pipeline.manifest import ManifestStore, connect
 
 
 def stage_counts(store: ManifestStore, stage: str) -> dict[str, Any]:
-    table = store.latest(stage)
-    if table is None:
+    """Counts of the stage's latest rows, grouped in duckdb over its parts (reasons in the order a
+    key-sorted scan first meets them, as `most_common` breaks ties by)."""
+    sql = store.latest_sql(stage, ["key", "status", "reason", "weights"])
+    if sql is None:
         return {"rows": 0, "status": Counter(), "reasons": Counter(), "random_init": 0}
-    rows = table.select(["status", "reason", "weights"]).to_pylist()
-    return {
-        "rows": len(rows),
-        "status": Counter(r["status"] for r in rows),
-        "reasons": Counter(
-            f"{r['status']}: {reason_class(r['reason'])}" for r in rows if r["status"] != "ok"
-        ),
-        "random_init": sum(r["weights"] == "random-init" for r in rows),
-    }
+    with connect() as con:
+        groups = con.execute(
+            "SELECT status, CASE WHEN status <> 'ok' THEN status || ': ' || split_part(coalesce(reason, ''), ':', 1) "
+            "END AS reason, count(*), count_if(weights = 'random-init'), min(key) AS first FROM " + sql +
+            " GROUP BY ALL ORDER BY first"
+        ).fetchall()
+    status: Counter = Counter()
+    reasons: Counter = Counter()
+    for st, reason, n, _, _ in groups:
+        status[st] += n
+        if reason is not None:
+            reasons[reason] += n
+    return {"rows": sum(status.values()), "status": status, "reasons": reasons,
+            "random_init": sum(g[3] for g in groups)}
 
 
 def print_status(cfg: Config) -> None:

@@ -1,0 +1,121 @@
+"""What a stage is given: pending = upstream-ok keys − keys done by this stage version and params,
+as a duckdb anti-join over the manifest parts, and the pending rows built a window at a time.
+
+Nothing here holds the corpus as Python objects: the keys stay in duckdb (which spills beyond its
+memory cap) and only one window of rows (WINDOW keys, every upstream stage's columns merged) is a
+list of dicts at once. A source stage (ingest) that can name its keys first (`source_keys`) is
+planned the same way, then reads back only its pending rows (`source_windows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.manifest import COMMON_NAMES, ManifestStore, conform, connect
+from pipeline.stage import Row, SourceStage, Stage
+
+WINDOW = 20_000  # rows built as Python dicts at once
+
+
+@dataclass
+class Plan:
+    total: int  # rows the stage works on (its input)
+    pending: int  # of which not yet done with this stage version and params
+    windows: Callable[[], Iterator[list[Row]]]  # the pending rows, in input order
+
+    @property
+    def already_done(self) -> int:
+        return self.total - self.pending
+
+
+def upstream_chain(stage_cls: type[Stage], registry: Mapping[str, type[Stage]]) -> list[str]:
+    chain: list[str] = []
+    up = stage_cls.upstream
+    while up:
+        chain.insert(0, up)
+        up = registry[up].upstream
+    return chain
+
+
+def plan_stage(
+    stage: Stage, store: ManifestStore, registry: Mapping[str, type[Stage]], phash: str,
+    retry_failed: bool = False, window: int = WINDOW,
+) -> Plan:
+    done = store.done_sql(stage.name, stage.version, phash, retry_failed,
+                          by="video_key" if stage.fans_out else "key")
+    if isinstance(stage, SourceStage):
+        return _plan_source(stage, done, window)
+    chain = upstream_chain(type(stage), registry)
+    ok = store.ok_sql(chain[-1])
+    if ok is None:
+        return Plan(0, 0, lambda: iter(()))
+    with connect() as con:
+        total, pending = con.execute(
+            f"SELECT (SELECT count(*) FROM {ok}), (SELECT count(*) FROM (SELECT key FROM {ok} ANTI JOIN {done} "
+            "USING (key)))"
+        ).fetchone()
+    return Plan(total, pending, lambda: _upstream_windows(store, registry, chain, ok, done, window))
+
+
+def _plan_source(stage: SourceStage, done: str, window: int) -> Plan:
+    if not hasattr(stage, "source_keys"):  # a source without a key pass: its rows as a list
+        rows = stage.source_rows()
+        with connect() as con:
+            con.register("keys", pa.table({"key": pa.array([r["key"] for r in rows], pa.string())}))
+            done_keys = set(con.execute(f"SELECT key FROM keys SEMI JOIN {done} USING (key)").fetchnumpy()["key"])
+        pending = [r for r in rows if r["key"] not in done_keys]
+        return Plan(len(rows), len(pending),
+                    lambda: (pending[i:i + window] for i in range(0, len(pending), window)))
+    keys = stage.source_keys()  # key, ord: the deduped candidates in input order
+    with connect() as con:
+        con.register("keys", keys)
+        ords = con.execute(f"SELECT ord FROM keys ANTI JOIN {done} USING (key) ORDER BY ord").fetchnumpy()["ord"]
+    return Plan(keys.num_rows, len(ords), lambda: stage.source_windows(ords, window))
+
+
+def _upstream_windows(
+    store: ManifestStore, registry: Mapping[str, type[Stage]], chain: list[str], ok: str, done: str, window: int
+) -> Iterator[list[Row]]:
+    """Upstream-ok keys not done here, each with every upstream stage's own columns merged: the
+    most downstream stage's value wins, and video-level stages after a fan-out are looked up by the
+    clip's `video_key` (one duckdb query, sorted by key, read a window at a time)."""
+    fan_out = next((i for i, name in enumerate(chain) if registry[name].fans_out), len(chain))
+    schemas = {name: store.schema(name) for name in chain}
+    selects, joins, lookup = [], [], []
+    for i in reversed(range(len(chain))):  # clip-level stages first: they name the clip's video
+        name, schema = chain[i], schemas[chain[i]]
+        if schema is None:
+            continue
+        cols = [f for f in schema if f.name not in COMMON_NAMES or f.name == "weights"]
+        sql = store.latest_sql(name, ["key"] + [f.name for f in cols])
+        on = "p.key" if i >= fan_out else ("CASE " + " ".join(lookup) + " ELSE p.key END" if lookup else "p.key")
+        joins.append(f"LEFT JOIN {sql} s{i} ON s{i}.key = {on}")
+        selects.append(f"s{i}.key IS NOT NULL AS \"{i}:found\"")
+        selects += [f's{i}."{f.name}" AS "{i}:{f.name}"' for f in cols]
+        if i >= fan_out and "video_key" in schema.names:
+            lookup.append(f"WHEN s{i}.key IS NOT NULL THEN s{i}.video_key")
+    query = (f"SELECT p.key AS key{''.join(', ' + s for s in selects)} FROM (SELECT key FROM {ok} ANTI JOIN "
+             f"{done} USING (key)) p {' '.join(joins)} ORDER BY p.key")
+    with connect() as con:
+        for batch in con.sql(query).to_arrow_reader(window):
+            yield _rows(pa.Table.from_batches([batch]), chain, schemas)
+
+
+def _rows(table: pa.Table, chain: list[str], schemas: dict[str, pa.Schema | None]) -> list[Row]:
+    rows: list[Row] = [{"key": k} for k in table.column("key").to_pylist()]
+    for i in reversed(range(len(chain))):
+        schema = schemas[chain[i]]
+        if schema is None:
+            continue
+        fields = [f for f in schema if f.name not in COMMON_NAMES or f.name == "weights"]
+        found = table.column(f"{i}:found").to_pylist()
+        part = conform(table.select([f"{i}:{f.name}" for f in fields]).rename_columns([f.name for f in fields]),
+                       pa.schema(fields))
+        for row, hit, prev in zip(rows, found, part.to_pylist(), strict=True):
+            if hit:
+                row.update({k: v for k, v in prev.items() if k not in COMMON_NAMES and k not in row})
+                row.setdefault("upstream_weights", {})[chain[i]] = prev.get("weights")
+    return rows
