@@ -71,6 +71,15 @@ def test_cli_audit_writes_parquet_and_prints_lineage(run, tmp_path: Path, capsys
     assert main(["audit", *base, "--key", "nope"]) == 1
 
 
+def test_cli_audit_report_and_card_from_the_written_table(run, tmp_path: Path):
+    """`discomv audit --html --card` (what `make audit` and the demo run) reads the Parquet it wrote."""
+    cfg, _ = run
+    base = ["--set", f"run.manifest_root={cfg.run.manifest_root}"]
+    html, card = tmp_path / "report.html", tmp_path / "CARD.md"
+    assert main(["audit", *base, "--out", str(tmp_path / "a.parquet"), "--html", str(html), "--card", str(card)]) == 0
+    assert "failed at download" in html.read_text() and card.read_text().strip()
+
+
 class _Balance(HTMLParser):
     VOID = {"meta", "img", "br", "hr", "link", "input"}
 

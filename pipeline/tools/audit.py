@@ -164,11 +164,13 @@ def lineage(store: ManifestStore, key: str) -> list[dict[str, Any]]:
     return out
 
 
-def summarize(table: pa.Table | str) -> dict[str, Any]:
-    """Funnel counts, hours and failure reasons by class and source, of an audit table (or the SQL
-    of one), counted in duckdb."""
+def summarize(table: pa.Table | AuditFile | str) -> dict[str, Any]:
+    """Funnel counts, hours and failure reasons by class and source, of an audit table (the Parquet
+    file `print_audit` wrote, or the SQL of one), counted in duckdb."""
     with connect() as con:
-        if isinstance(table, pa.Table):
+        if isinstance(table, AuditFile):
+            table = "read_parquet('" + str(table.path).replace("'", "''") + "')"
+        elif isinstance(table, pa.Table):
             con.register("audit_rows", table)
             table = "audit_rows"
         names_present = [d[0] for d in con.sql(f"SELECT * FROM {table} LIMIT 0").description]
