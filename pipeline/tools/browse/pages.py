@@ -74,18 +74,8 @@ def clip_page(browser: Any, key: str) -> dict[str, Any] | None:
     video_key = row["video_key"]
     start = float(row["start_s"] or 0.0)
     # the video and its instrumental from media (played from start_s), else the shard's own clip members
-    if _has(browser, video_key, "video"):
-        video = {"url": f"/media/{video_key}/video", "offset_s": start, "from": "media"}
-    elif _has(browser, key, "clip.mp4"):
-        video = {"url": f"/media/{key}/clip.mp4", "offset_s": 0.0, "from": "shard mp4 member"}
-    else:
-        video = None
-    if _has(browser, video_key, "instrumental"):
-        instrumental = {"url": f"/media/{video_key}/instrumental", "offset_s": start, "from": "media"}
-    elif _has(browser, key, "clip.flac"):
-        instrumental = {"url": f"/media/{key}/clip.flac", "offset_s": 0.0, "from": "shard flac member"}
-    else:
-        instrumental = None
+    video = _playable(browser, video_key, "video", start, key, "clip.mp4")
+    instrumental = _playable(browser, video_key, "instrumental", start, key, "clip.flac")
     clip = {name: row.get(name) for name in CLIP_FIELDS}
     clip["beats_path"] = full.get("beats_path")
     beats = beats_arrays({**full, "key": key}, browser.roots, browser.members)
@@ -98,3 +88,13 @@ def clip_page(browser: Any, key: str) -> dict[str, Any] | None:
         "duration_s": float((row["end_s"] or start + 10.0) - start),
         "lineage": lineage(browser, video_key) + lineage(browser, key),
     }
+
+
+def _playable(browser: Any, video_key: str, medium: str, start: float, key: str, member: str) -> dict | None:
+    """Where a clip's `medium` plays from: the video's media file (from the clip's start), else the
+    shard's own clip member (from 0), else nowhere."""
+    if _has(browser, video_key, medium):
+        return {"url": f"/media/{video_key}/{medium}", "offset_s": start, "from": "media"}
+    if _has(browser, key, member):
+        return {"url": f"/media/{key}/{member}", "offset_s": 0.0, "from": f"shard {member.split('.')[1]} member"}
+    return None
