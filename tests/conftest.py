@@ -7,7 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +138,35 @@ def _copy_many(source: Path, folder: Path, n: int) -> list[str]:
             shutil.copyfile(source, target)
         names.append(f"{folder.name}/{target.name}")
     return names
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    out: Path
+    port: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def again(self) -> subprocess.CompletedProcess:
+        """The same demo run again (same folder, same port, so the same keys)."""
+        return subprocess.run(_demo_command(self.out, self.port), capture_output=True, text=True, timeout=900,
+                              check=False)
+
+
+def _demo_command(out: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "pipeline.tools.cli", "demo", "--out", str(out), "--videos", "4", "--no-progress",
+            "--port", str(port)]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """`discomv demo --videos 4` once per session, in a subprocess on a free port, with what it printed:
+    the CLI test checks the run, the browse tests browse its output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    proc = subprocess.run(_demo_command(out, port), capture_output=True, text=True, timeout=900, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return DemoRun(out, port, proc.returncode, proc.stdout, proc.stderr)

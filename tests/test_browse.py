@@ -8,7 +8,6 @@ import http.client
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,24 +37,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """One small demo output, and what it printed (stderr: the log lines; stdout), for the module."""
-    out = tmp_path_factory.mktemp("browse") / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.tools.cli", "demo", "--out", str(out), "--videos", "4", "--no-progress",
-         "--port", str(_free_port())],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1800, check=False)
+def demo(demo_run) -> tuple[Path, str, str]:
+    """The session's demo output (tests/conftest.py), and what it printed (stderr: the log lines; stdout)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "demo-console.txt").write_text(f"== stderr\n{proc.stderr}\n== stdout\n{proc.stdout}")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return out, proc.stderr, proc.stdout
+    (ARTIFACTS / "demo-console.txt").write_text(f"== stderr\n{demo_run.stderr}\n== stdout\n{demo_run.stdout}")
+    assert demo_run.returncode == 0, (demo_run.stdout + demo_run.stderr)[-3000:]
+    return demo_run.out, demo_run.stderr, demo_run.stdout
 
 
 @pytest.fixture(scope="module")

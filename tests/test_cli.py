@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,14 +47,10 @@ def test_run_checks_every_stage_before_any_work(tmp_path: Path, capsys):
     assert code == 2 and "tokens.model" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").rglob("*.parquet"))
 
-def test_demo_runs_offline_end_to_end(tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.tools.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
-        capture_output=True, timeout=600,
-    )
-    out = proc.stdout.decode() + proc.stderr.decode()
-    assert proc.returncode == 0, out[-3000:]
-    demo = tmp_path / "demo"
+def test_demo_runs_offline_end_to_end(demo_run):
+    out = demo_run.stdout + demo_run.stderr
+    assert demo_run.returncode == 0, out[-3000:]
+    demo = demo_run.out
     assert f"manifests: {demo / 'manifests'}" in out
     for line in ("ingest", "download", "not_found", "unsupported", "truncated", "no_audio_stream", "bad_url",
                  "dropped: static", "shards: processed", "checked against the manifest: OK"):
@@ -69,11 +63,8 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path):
         assert f'<figure id="plot-{plot.name}"><img alt=' in report, plot.name
     assert "No data yet" not in report and 'alt="frames of ' in report
     assert "random-init" in (demo / "DATASET_CARD.md").read_text()
-    rerun = subprocess.run(
-        [sys.executable, "-m", "pipeline.tools.cli", "demo", "--out", str(tmp_path / "demo"), "--videos", "4", "--no-progress"],
-        capture_output=True, timeout=600,
-    )
-    again = rerun.stdout.decode() + rerun.stderr.decode()
+    rerun = demo_run.again()
+    again = rerun.stdout + rerun.stderr
     for stage in STAGES:
         assert f"{stage}: nothing to do" in again, stage
 
