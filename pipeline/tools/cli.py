@@ -188,7 +188,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "audit":
         return run_audit(args, cfg)
     if args.command == "browse":
-        from pipeline.tools.browse import serve
+        from pipeline.tools.browse.server import serve
 
         return serve(cfg, args.config, args.host, args.port)
     if args.command == "weights":

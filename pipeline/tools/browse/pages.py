@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pipeline.tools.browse.data as data
 from pipeline.tools import audit
-from pipeline.tools.browse import data
 from pipeline.tools.browse.media import Refused, beats_arrays
 
 CLIP_FIELDS = ("key", "video_key", "clip_index", "start_s", "end_s", "status", "stage", "reason", "source",
