@@ -10,18 +10,22 @@ from urllib.parse import urlparse
 
 
 class HostRefused(ValueError):
-    """`str(e)` says why; `kind` is `bad_url`, `unresolved` or `blocked_host`."""
+    """`str(e)` says why (for `bad_url`: the scheme found); `kind` is `bad_url`, `unresolved` or
+    `blocked_host`."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
 
-def check_public_url(url: str) -> None:
-    """Raises HostRefused unless `url` is http(s) and every address its host resolves to is public."""
+def check_public_url(url: str, allow_private_hosts: bool = False) -> None:
+    """Raises HostRefused unless `url` is http(s) and every address its host resolves to is public
+    (any host when `allow_private_hosts`)."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise HostRefused("bad_url", f"only http(s) URLs ({parsed.scheme or 'no scheme'})")
+        raise HostRefused("bad_url", parsed.scheme or "no scheme")
+    if allow_private_hosts:
+        return
     try:
         infos = socket.getaddrinfo(parsed.hostname, None)
     except (socket.gaierror, UnicodeError) as e:

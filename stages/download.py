@@ -16,7 +16,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow as pa
 
@@ -279,14 +278,11 @@ class DownloadFailed(Exception):
 
 def check_url(url: str, allow_private_hosts: bool) -> str | None:
     """A refusal reason, or None when the URL may reach yt-dlp (http(s) only, public hosts)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return f"bad_url: only http(s) URLs reach the downloader ({parsed.scheme or 'no scheme'})"
-    if allow_private_hosts:
-        return None
     try:
-        check_public_url(url)
+        check_public_url(url, allow_private_hosts)
     except HostRefused as e:
+        if e.kind == "bad_url":
+            return f"bad_url: only http(s) URLs reach the downloader ({e})"
         if e.kind == "unresolved":
             return f"network: {e}"
         return f"blocked_host: {e}; set download.allow_private_hosts=true to allow"

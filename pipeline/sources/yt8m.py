@@ -34,7 +34,6 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow as pa
 
@@ -237,14 +236,11 @@ def lookup_url(base_url: str, pseudo_id: str) -> str:
 def check_service(base_url: str, allow_private_hosts: bool) -> str | None:
     """A refusal reason for the lookup base URL, or None: http(s) only, and public hosts unless allowed
     (the same rule as download's, so a candidate list cannot make ingest probe internal services)."""
-    parsed = urlparse(base_url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return f"ingest.yt8m_lookup_url: only http(s) URLs ({base_url!r})"
-    if allow_private_hosts:
-        return None
     try:
-        check_public_url(base_url)
+        check_public_url(base_url, allow_private_hosts)
     except HostRefused as e:
+        if e.kind == "bad_url":
+            return f"ingest.yt8m_lookup_url: only http(s) URLs ({base_url!r})"
         if e.kind == "unresolved":
             return None  # offline: each lookup then fails as a retryable network error
         return f"ingest.yt8m_lookup_url: {e}; set ingest.yt8m_allow_private_hosts=true to allow"
