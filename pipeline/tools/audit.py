@@ -51,7 +51,11 @@ def clip_sql(store: ManifestStore) -> str | None:
 
 def clip_table(store: ManifestStore) -> pa.Table | None:
     """One row per clip: every clip-level stage's latest row, joined on the clip key."""
-    sql = clip_sql(store)
+    return _by_key(clip_sql(store))
+
+
+def _by_key(sql: str | None) -> pa.Table | None:
+    """A relation's rows as one Arrow table sorted by key (None for no relation)."""
     if sql is None:
         return None
     with connect() as con:
@@ -116,11 +120,7 @@ def _columns(store: ManifestStore, names: list[str]) -> list[str]:
 
 def audit_table(store: ManifestStore) -> pa.Table | None:
     """The audit relation (audit_sql) as one Arrow table, sorted by key."""
-    sql = audit_sql(store)
-    if sql is None:
-        return None
-    with connect() as con:
-        return con.sql(f"SELECT * FROM {sql} ORDER BY key").to_arrow_table()
+    return _by_key(audit_sql(store))
 
 
 def query(store: ManifestStore, sql: str) -> pa.Table:
