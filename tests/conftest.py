@@ -5,6 +5,7 @@ this module."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -110,6 +111,39 @@ def make_stage(make_config):
         return cfg.registry[name](cfg.stage(name), cfg.run)
 
     return build
+
+
+@pytest.fixture(scope="module")
+def bench_module():
+    """bench_module("run_all") -> bench/run_all.py loaded as a module, with bench/ on sys.path (the
+    scripts import each other from there) until the test module ends."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    loaded: list[str] = []
+
+    def load(name: str) -> Any:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        loaded.append(spec.name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
+    sys.path.remove(str(bench))
+
+
+@pytest.fixture(scope="session")
+def unavailable():
+    """unavailable(reason): what a test does when this machine lacks something it needs (chromium, a
+    mount): skip here, but fail on CI, whose .ci/run provides it, so a skip never hides a CI failure."""
+
+    def stop(reason: str) -> None:
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+
+    return stop
 
 
 @pytest.fixture(scope="session")

@@ -138,12 +138,12 @@ def test_dataset_card(run, tmp_path: Path):
     assert "download failed: not_found ×1" in card
 
 
-def test_report_renders_in_headless_chromium(run, tmp_path: Path):
+def test_report_renders_in_headless_chromium(run, tmp_path: Path, unavailable):
     from pipeline.tools import report
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium not installed here; .ci/run installs it (apt: chromium)")
+        unavailable("chromium not installed here; .ci/run installs it (apt: chromium)")
     _, store = run
     page = report.write_html(audit.audit_table(store), tmp_path / "report.html", threshold=0.7)
     artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -4,10 +4,8 @@ rot unnoticed; plus its timeout and target logic on stand-ins."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,13 +16,8 @@ BENCH = REPO / "bench"
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name)
+def gpu(bench_module):
+    return bench_module("gpu")
 
 
 def test_a_hung_section_is_killed_at_its_timeout(gpu, tmp_path: Path):
