@@ -90,6 +90,16 @@ class RunConfig:
     flush_rows: int = option(16, "results appended to the manifest every N rows (durability unit)")
     retry_failed: bool = option(False, "also redo rows whose last status is failed")
     num_cpus: int | None = option(None, "CPUs for the embedded Ray (None = all)")
+    executor: str = option(
+        "stream",
+        "how `discomv run` runs its stages: stream (one Ray Data pipeline, every stage alive at once, rows "
+        "flowing on as each stage finishes them) | stages (each stage over every row, then the next)",
+        choices=("stream", "stages"))
+    keep_media: list[str] = option(
+        [], "media `discomv run` keeps after the last stage that needs them has recorded its row: video "
+        "(downloads), stems (instrumentals). Default: removed (a dropped video's download after filter; a "
+        "sharded video's download and stems once every clip of it is in a shard); failed rows keep theirs",
+        choices=("video", "stems"))
 
 
 def field_meta(cls: type, name: str) -> dict[str, Any]:
@@ -117,10 +127,15 @@ def check_choices(section: str, config: Any) -> None:
     this, so options built in code are checked as strictly as options read from YAML)."""
     for f in dataclasses.fields(config):
         choices = field_meta(type(config), f.name).get("choices")
-        value = getattr(config, f.name)
-        if choices and value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            raise ConfigError(
-                f"config key '{section}.{f.name}' must be one of {', '.join(map(str, choices))}; got {value!r}"
-                + (f" (did you mean '{close[0]}'?)" if close else "")
-            )
+        values = getattr(config, f.name)
+        for value in values if isinstance(values, list) else [values]:
+            _check_choice(section, f.name, choices, value)
+
+
+def _check_choice(section: str, name: str, choices: tuple[Any, ...] | None, value: Any) -> None:
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        raise ConfigError(
+            f"config key '{section}.{name}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            + (f" (did you mean '{close[0]}'?)" if close else "")
+        )

@@ -3,10 +3,11 @@ run that could never be scheduled fails at once naming the option to change."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pipeline.options import ConfigError
-from pipeline.stage import Resources
+from pipeline.stage import AUTO, Resources
 
 
 def check_gpus_exist(name: str, res: Resources) -> None:
@@ -73,3 +74,38 @@ def task_slots(res: Resources, batches: int) -> int:
     total = ray.cluster_resources()
     fit = total.get("GPU", 0.0) // res.num_gpus if res.num_gpus else total.get("CPU", 1.0) // max(res.num_cpus, 0.01)
     return int(max(1, min(fit, batches)))
+
+
+def fit_stream(names: list[str], resources: list[Resources]) -> tuple[list[Resources], list[tuple[int, int] | None], float]:
+    """Every stage of a streaming run alive at once: each gets at least one worker (one actor, or one
+    task slot, plus its prepare task), and when those minimums ask for more CPUs than the cluster has,
+    every stage's CPU request is scaled down by one factor (Ray's CPUs are logical: the OS shares the
+    cores; a stage asking for CPUs it never gets would stall the whole stream). Returns the resources
+    to request, each stage's actor pool (min, max) or None for tasks, and the factor. GPUs are not
+    scaled: a GPU stage needs its GPUs to exist (check_gpus_exist)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, memory = total.get("CPU", 1.0), total.get("memory", 0.0)
+    demand = sum(r.num_cpus * max(1, r.concurrency or 1) + (r.prepare_cpus or 0.0) for r in resources)
+    factor = min(1.0, cpus / demand) if demand else 1.0
+    needed_memory = sum(r.memory_bytes * max(1, r.concurrency or 1) for r in resources)
+    if memory and needed_memory > memory:
+        raise ConfigError(
+            f"the stages of this run need {needed_memory / 2**30:.1f} GiB of memory at once (one worker each: "
+            + ", ".join(f"{n} {r.memory_bytes / 2**30:.1f}" for n, r in zip(names, resources, strict=True) if r.memory_bytes)
+            + f"), the Ray cluster has {memory / 2**30:.1f}: run fewer stages at once (--from/--to), lower their "
+            "batch or window options, or run.executor=stages")
+    fitted, pools = [], []
+    for res in resources:
+        scaled = replace(res, num_cpus=round(res.num_cpus * factor, 4),
+                         prepare_cpus=None if res.prepare_cpus is None else round(res.prepare_cpus * factor, 4))
+        fitted.append(scaled)
+        if res.concurrency is None:
+            pools.append(None)
+        elif res.concurrency == AUTO:
+            room = total.get("GPU", 0.0) // res.num_gpus if res.num_gpus else cpus // max(scaled.num_cpus, 0.01)
+            pools.append((1, int(max(1, room))))
+        else:
+            pools.append((res.concurrency, res.concurrency))
+    return fitted, pools, factor

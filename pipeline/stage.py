@@ -86,6 +86,9 @@ class Stage:
     # `video_key` (the input's key), which must be a column of the schema; an input that yields
     # nothing must still return one result keyed by itself (e.g. dropped: too_short).
     fans_out: ClassVar[bool] = False
+    # Files the stage makes that only later stages read (column → kind for run.keep_media): a
+    # streaming run removes them once nothing needs them (pipeline/janitor.py).
+    media: ClassVar[dict[str, str]] = {}
     Config: ClassVar[type]
 
     def __init__(self, config: Any, run: Any) -> None:

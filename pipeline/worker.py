@@ -173,3 +173,122 @@ def _node_id() -> str:
     except Exception:  # outside Ray (unit tests of the worker)
         return "local"
 
+
+
+# ---------------------------------------------------------------- streaming run (pipeline/stream.py)
+
+# Fields a row carries through a streaming run beside its columns: the stage index it entered at,
+# its status so far, the stage that set it, how many rows its input fanned out into, and the fields a
+# prepare task added (dropped again once the stage has used them).
+STREAM_FIELDS = ("_enter", "_status", "_stage", "_siblings", "_prepared")
+RECORD_ONLY = {"status", "reason", "stage_version", "params_hash", "weights", "run_id", "finished_at",
+               "elapsed_s", "node"}
+
+
+def is_mine(row: Row, index: int) -> bool:
+    """Whether stage `index` of the stream works on this row: still ok, and entered at or before it."""
+    return row["_status"] == "ok" and row["_enter"] <= index
+
+
+class StreamWorker:
+    """One stage of a streaming run, as a Ray Data map: works on the rows that are its own (is_mine),
+    hands each result to the run's manifest recorder (and waits for it to be taken, so a row is
+    recorded here before a later stage can record it), merges the result's columns into the row and
+    passes every row on; a row not ok passes through the rest of the stream untouched."""
+
+    def __init__(self, stage_cls: type[Stage], name: str, config_json: str, index: int, stamp: dict[str, str],
+                 recorder: Any) -> None:
+        self.worker = WireStageWorker(stage_cls, name, config_json)
+        self.index, self.stamp, self.recorder = index, stamp, recorder
+        self.arrays = {f.name: f.type.value_type.to_pandas_dtype() for f in stage_cls.schema
+                       if _is_number_list(f.type)}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
+        rows = unpack_rows(batch)
+        mine = [row for row in rows if is_mine(row, self.index)]
+        out = [row for row in rows if not is_mine(row, self.index)]
+        if mine:
+            results = self.worker.process_safely([_stage_view(row) for row in mine])
+            for result in results:
+                result.update(self.stamp)
+            ray.get(self.recorder.add.remote(self.worker.stage.name, json.dumps(results, default=str)))
+            out += self.merge(mine, results)
+        packed = [pack_row(row) for row in out]
+        return {"row": [r for r, _ in packed], "arrays": [a for _, a in packed]}
+
+    def merge(self, rows: list[Row], results: list[dict[str, Any]]) -> list[Row]:
+        """Each input row with its result's columns (fan-out: one row per result, keyed by it);
+        number lists become arrays, so they travel as binary, not JSON."""
+        name = self.worker.stage.name
+        by_input: dict[str, list[dict[str, Any]]] = {}
+        for result in results:
+            by_input.setdefault(result.get("video_key") or result["key"] if self.worker.stage.fans_out
+                                else result["key"], []).append(result)
+        merged = []
+        for row in rows:
+            siblings = by_input.get(row["key"], [])
+            for result in siblings:
+                new = {k: v for k, v in row.items() if k not in (row.get("_prepared") or ()) and k != "_prepared"}
+                new["upstream_weights"] = {**(row.get("upstream_weights") or {}), name: result.get("weights")}
+                for column, value in result.items():
+                    if column not in RECORD_ONLY:
+                        new[column] = _as_array(value, self.arrays.get(column))
+                new.update(_status=result["status"], _stage=name)
+                if self.worker.stage.fans_out:
+                    new["_siblings"] = len(siblings)
+                merged.append(new)
+        return merged
+
+
+def _stage_view(row: Row) -> Row:
+    return {k: v for k, v in row.items() if k not in STREAM_FIELDS}
+
+
+def _is_number_list(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(arrow_type) and (pa.types.is_integer(arrow_type.value_type)
+                                             or pa.types.is_floating(arrow_type.value_type))
+
+
+def _as_array(value: Any, dtype: Any) -> Any:
+    if dtype is None or not isinstance(value, list):
+        return value
+    import numpy as np
+
+    return np.asarray(value, dtype=dtype)
+
+
+_STREAMERS: dict[tuple[int, str, str, int], StreamWorker] = {}
+
+
+def stream_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str, index: int,
+                   stamp: dict[str, str], recorder: Any) -> dict[str, Any]:
+    """A task stage of the stream: the StreamWorker built once per worker process."""
+    key = (id(stage_cls), name, config_json, index)
+    if key not in _STREAMERS:
+        _STREAMERS[key] = StreamWorker(stage_cls, name, config_json, index, stamp, recorder)
+    return _STREAMERS[key](batch)
+
+
+def stream_prepare_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str,
+                           index: int) -> dict[str, Any]:
+    """The stage's prepare step on the rows that are its own; the others pass as they came."""
+    key = (id(stage_cls), name, config_json)
+    if key not in _PREPARERS:
+        _PREPARERS[key] = build_stage(stage_cls, name, config_json)
+    rows = unpack_rows(batch)
+    mine = [row for row in rows if is_mine(row, index)]
+    prepared = [unpack_one(packed) for packed in prepare_safely(_PREPARERS[key], [_stage_view(r) for r in mine])]
+    for row, done in zip(mine, prepared, strict=True):
+        added = [k for k in done if k not in row]
+        row.update(done)
+        row["_prepared"] = added
+    packed = [pack_row(row) for row in rows]
+    return {"row": [r for r, _ in packed], "arrays": [a for _, a in packed]}
+
+
+def unpack_one(packed: tuple[str, bytes]) -> Row:
+    return unpack_rows({"row": [packed[0]], "arrays": [packed[1]]})[0]

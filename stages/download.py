@@ -97,6 +97,7 @@ class Download(Stage):
         if config.rate_limit and not RATE.fullmatch(config.rate_limit.strip()):
             raise ConfigError(f"config key 'download.rate_limit': cannot parse {config.rate_limit!r} (use e.g. 2M)")
 
+    media = {"video_path": "video"}
     schema = pa.schema(
         [
             ("video_path", pa.string()),

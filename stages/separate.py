@@ -78,6 +78,7 @@ class Separate(Stage):
     version = "1"
     Config = SeparateConfig
     requires = ("demucs", "torch", "soundfile", "numpy")
+    media = {"instrumental_path": "stems", "instrumental32k_path": "stems"}
     schema = pa.schema(
         [
             ("instrumental_path", pa.string()),

@@ -1,0 +1,107 @@
+"""The manifest recorder of a streaming run: every stage's results go through it into that stage's
+manifest (pipeline/manifest.py), so workers on any node never write manifests and the driver never
+holds them.
+
+One Ray actor per run (pipeline/stream.py makes it; nothing here imports Ray). A worker hands it a
+batch of results and waits only until they are taken (in memory); they are appended as part files
+every `flush_rows` rows per stage or FLUSH_SECONDS, by a thread, in pipeline order: a row recorded
+at a stage is therefore never on disk before its row at an upstream stage. A kill loses what was
+taken but not yet appended (seconds of work), which a re-run redoes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.manifest import ManifestStore
+
+log = logging.getLogger("discomv")
+FLUSH_SECONDS = 3.0
+
+
+class ManifestRecorder:
+    def __init__(self, root: str, schemas: list[tuple[str, bytes]], flush_rows: int,
+                 flush_seconds: float = FLUSH_SECONDS) -> None:
+        self.store = ManifestStore(root)
+        self.schemas = {name: pa.ipc.read_schema(pa.py_buffer(blob)) for name, blob in schemas}
+        self.order = [name for name, _ in schemas]
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.buffers: dict[str, list[dict[str, Any]]] = {name: [] for name in self.order}
+        self.stats = {name: StageStats() for name in self.order}
+        self.taking = threading.Lock()  # held while buffers are swapped
+        self.writing = threading.Lock()  # one flush at a time
+        self.error: str | None = None
+        self.stopped, self.wake = threading.Event(), threading.Event()
+        threading.Thread(target=self._flush_every, daemon=True).start()
+
+    def add(self, stage: str, results_json: str) -> int:
+        """Take a batch of one stage's results (JSON: the workers' records); returns how many."""
+        if self.error:
+            raise RuntimeError(f"the manifest recorder could not write: {self.error}")
+        results = json.loads(results_json)
+        for result in results:
+            result["finished_at"] = datetime.fromisoformat(result["finished_at"])
+        with self.taking:
+            self.buffers[stage].extend(results)
+            self.stats[stage].add(results)
+            full = len(self.buffers[stage]) >= self.flush_rows
+        if full:
+            self.wake.set()  # the thread writes it: the worker is not kept waiting on the disk
+        return len(results)
+
+    def flush(self) -> int:
+        """Append everything taken so far, stage by stage in pipeline order; returns the rows written."""
+        with self.writing:
+            with self.taking:
+                taken, self.buffers = self.buffers, {name: [] for name in self.order}
+            written = 0
+            for name in self.order:
+                if taken[name]:
+                    try:
+                        self.store.append(name, self.schemas[name], taken[name])
+                    except Exception as e:  # the disk is full or gone: stop the run, say where
+                        self.error = f"{self.store.stage_dir(name)}: {e}"
+                        raise
+                    written += len(taken[name])
+            return written
+
+    def _flush_every(self) -> None:
+        while not self.stopped.is_set():
+            self.wake.wait(self.flush_seconds)
+            self.wake.clear()
+            try:
+                self.flush()
+            except Exception:
+                log.exception("manifest recorder: flush failed")
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        with self.taking:
+            return {name: stats.as_dict() for name, stats in self.stats.items()}
+
+    def close(self) -> int:
+        self.stopped.set()
+        return self.flush()
+
+
+class StageStats:
+    def __init__(self) -> None:
+        self.statuses: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.busy_s = 0.0
+
+    def add(self, results: list[dict[str, Any]]) -> None:
+        for result in results:
+            self.statuses[result["status"]] += 1
+            self.busy_s += result.get("elapsed_s") or 0.0
+            if result["status"] != "ok":
+                self.reasons[f"{result['status']}: {(result.get('reason') or '').split(':', 1)[0]}"] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"statuses": dict(self.statuses), "reasons": dict(self.reasons), "busy_s": self.busy_s}
