@@ -43,6 +43,7 @@ class RunSummary:
     reasons: Counter = field(default_factory=Counter)
     busy_s: float = 0.0  # worker seconds spent in process() (Σ elapsed_s of the results)
     workers: int = 0  # workers that could run at once: actors, or task slots the cluster holds
+    streamed: bool = False  # ran in a streaming run, at the same time as the run's other stages
 
     @property
     def rows_per_s(self) -> float:

@@ -50,7 +50,7 @@ def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[Run
     store = ManifestStore(cfg.run.manifest_root)
     phashes = [stage_params_hash(stage) for stage in stages]
     plan = plan_stream(stages, store, cfg.registry, phashes, retry_failed=cfg.run.retry_failed)
-    summaries = [RunSummary(stage=n, total=t, already_done=t - p) for n, t, p in
+    summaries = [RunSummary(stage=n, total=t, already_done=t - p, streamed=True) for n, t, p in
                  zip(names, plan.totals, plan.pending, strict=True)]
     if not plan.rows:
         for summary in summaries:
@@ -128,7 +128,7 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
     first = next(k for k, e in enumerate(plan.entering) if e)
     block_rows = max(MIN_BLOCK_ROWS, stages[first].resources.batch_size)
     ds = ray.data.read_datasource(_entries_source(files), override_num_blocks=max(1, -(-plan.rows // block_rows)),
-                                  num_cpus=0.01, ray_remote_args=_on_driver_node())
+                                  num_cpus=0.01, label_selector=_on_driver_node())
     config_json = json.dumps(cfg.as_dict())
     workers = []
     for k, (stage, res, pool) in enumerate(zip(stages, resources, pools, strict=True)):
@@ -145,17 +145,18 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
             ds = ds.map_batches(stream_in_task, fn_args=(stage_cls, name, config_json, k, stamp, recorder), **common)
             workers.append(1)
         else:
-            ds = ds.map_batches(StreamWorker, fn_constructor_args=(stage_cls, name, config_json, k, stamp, recorder),
+            named = type(f"{stage_cls.__name__}Worker", (StreamWorker,), {})  # Ray's op and process names
+            ds = ds.map_batches(named, fn_constructor_args=(stage_cls, name, config_json, k, stamp, recorder),
                                 compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **common)
             workers.append(pool[1])
     return ds, workers
 
 
-def _on_driver_node() -> dict[str, Any]:
+def _on_driver_node() -> dict[str, str]:
+    """The entry files are in a temp folder on the driver's node: their read tasks run there."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
 
 
 def _entries_source(files: list[tuple[str, int]]) -> Any:

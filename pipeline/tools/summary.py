@@ -71,6 +71,13 @@ def print_run(summaries: list[Any]) -> None:
                       f"{s.busy:.0%}" if s.busy is not None else "-")
     console = Console()
     console.print(table)
+    streamed = [s for s in ran if s.streamed]
+    if streamed:  # its stages ran at once, over the same seconds: the busiest one bounds it
+        busiest = max(streamed, key=lambda s: s.busy or 0.0)
+        hint = ("add workers or GPUs there" if (busiest.busy or 0) >= 0.6
+                else "no stage was busy most of the time: the run waited on its input or on start-up")
+        console.print(f"{busiest.stage} was the busiest stage of this streaming run ({busiest.busy or 0:.0%}); {hint}")
+        return
     slowest = max(ran, key=lambda s: s.seconds)
     share = slowest.seconds / sum(s.seconds for s in ran)
     hint = ("its workers were busy: add workers or GPUs there" if (slowest.busy or 0) >= 0.6
