@@ -178,9 +178,10 @@ def _node_id() -> str:
 # ---------------------------------------------------------------- streaming run (pipeline/stream.py)
 
 # Fields a row carries through a streaming run beside its columns: the stage index it entered at,
-# its status so far, the stage that set it, how many rows its input fanned out into, and the fields a
-# prepare task added (dropped again once the stage has used them).
-STREAM_FIELDS = ("_enter", "_status", "_stage", "_siblings", "_prepared")
+# its status so far, the stage that set it, how many rows its input fanned out into, the fields a
+# prepare task added (dropped again once the stage has used them), and the number lists that travel
+# as arrays (a stage gets them back as lists, as from a manifest).
+STREAM_FIELDS = ("_enter", "_status", "_stage", "_siblings", "_prepared", "_arrays")
 RECORD_ONLY = {"status", "reason", "stage_version", "params_hash", "weights", "run_id", "finished_at",
                "elapsed_s", "node"}
 
@@ -200,6 +201,7 @@ class StreamWorker:
                  recorder: Any) -> None:
         self.worker = WireStageWorker(stage_cls, name, config_json)
         self.index, self.stamp, self.recorder = index, stamp, recorder
+        self.schema = stage_cls.schema
         self.arrays = {f.name: f.type.value_type.to_pandas_dtype() for f in stage_cls.schema
                        if _is_number_list(f.type)}
 
@@ -219,22 +221,32 @@ class StreamWorker:
         return {"row": [r for r, _ in packed], "arrays": [a for _, a in packed]}
 
     def merge(self, rows: list[Row], results: list[dict[str, Any]]) -> list[Row]:
+        import numpy as np
+
         """Each input row with its result's columns (fan-out: one row per result, keyed by it);
         number lists become arrays, so they travel as binary, not JSON."""
+        import pyarrow as pa
+
         name = self.worker.stage.name
-        by_input: dict[str, list[dict[str, Any]]] = {}
-        for result in results:
+        # the values as the manifest holds them (its column types), as a later stage would read them
+        typed = pa.Table.from_pylist([{c: r.get(c) for c in self.schema.names} for r in results],
+                                     schema=self.schema).to_pylist()
+        by_input: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        for result, values in zip(results, typed, strict=True):
             by_input.setdefault(result.get("video_key") or result["key"] if self.worker.stage.fans_out
-                                else result["key"], []).append(result)
+                                else result["key"], []).append((result, values))
         merged = []
         for row in rows:
             siblings = by_input.get(row["key"], [])
-            for result in siblings:
+            for result, values in siblings:
                 new = {k: v for k, v in row.items() if k not in (row.get("_prepared") or ()) and k != "_prepared"}
                 new["upstream_weights"] = {**(row.get("upstream_weights") or {}), name: result.get("weights")}
-                for column, value in result.items():
-                    if column not in RECORD_ONLY:
-                        new[column] = _as_array(value, self.arrays.get(column))
+                new["key"] = result["key"]
+                for column, value in values.items():
+                    if column in self.arrays and isinstance(value, list):
+                        value = np.asarray(value, dtype=self.arrays[column])
+                        new["_arrays"] = [*new.get("_arrays", ()), column]
+                    new[column] = value
                 new.update(_status=result["status"], _stage=name)
                 if self.worker.stage.fans_out:
                     new["_siblings"] = len(siblings)
@@ -243,7 +255,10 @@ class StreamWorker:
 
 
 def _stage_view(row: Row) -> Row:
-    return {k: v for k, v in row.items() if k not in STREAM_FIELDS}
+    view = {k: v for k, v in row.items() if k not in STREAM_FIELDS}
+    for column in row.get("_arrays", ()):
+        view[column] = view[column].tolist()
+    return view
 
 
 def _is_number_list(arrow_type: Any) -> bool:
@@ -251,14 +266,6 @@ def _is_number_list(arrow_type: Any) -> bool:
 
     return pa.types.is_list(arrow_type) and (pa.types.is_integer(arrow_type.value_type)
                                              or pa.types.is_floating(arrow_type.value_type))
-
-
-def _as_array(value: Any, dtype: Any) -> Any:
-    if dtype is None or not isinstance(value, list):
-        return value
-    import numpy as np
-
-    return np.asarray(value, dtype=dtype)
 
 
 _STREAMERS: dict[tuple[int, str, str, int], StreamWorker] = {}
