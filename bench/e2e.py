@@ -1,5 +1,6 @@
-"""End-to-end throughput of `discomv run` (every stage, ingest → shards, on Ray) against the same
-stages run one video at a time in a plain Python loop in one process, same corpus, same run.
+"""End-to-end throughput of `discomv run` (every stage, ingest → shards, on Ray; streaming, and stage
+after stage) against the same stages run one video at a time in a plain Python loop in one process,
+same corpus, same run.
 
     python bench/e2e.py [--videos 4] [--fast] [--work DIR]
 
@@ -11,12 +12,12 @@ are the demo's (DEMO_SETTINGS, real Demucs/EnCodec/Hiera architectures with rand
 model=hiera_test_16x224).
 
 - pipeline: `python -m pipeline.tools.cli run -c CONFIG` in a fresh process (embedded Ray: start-up, actors,
-  manifests, status table, all counted);
+  manifests, status table, all counted), streaming (the default) and with `--set run.executor=stages`;
 - plain loop: a fresh process that builds every stage, calls setup() once each, then for each input
   row calls process([row]) stage after stage (per clip after the fan-out), no Ray, no manifests.
 
-Both write their own media and shards; the shard samples must be the same keys, and the per-stage
-status counts must agree, or this exits 1. Rates: candidate videos per wall second, and hours of
+All three write their own media and shards; the shard samples must be the same keys, and the
+per-stage status counts must agree, or this exits 1. Rates: candidate videos per wall second, and hours of
 downloaded audio per wall hour.
 """
 
@@ -171,51 +172,60 @@ def compare(n_videos: int, fast: bool, work: Path) -> int:
     entries = make_corpus(work / "source", n_videos)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # embedded Ray, this machine
     env["HF_HUB_OFFLINE"] = "1"
+    cli = [sys.executable, "-m", "pipeline.tools.cli", "run", "--no-progress", "-c"]
+    runs = []
     with LocalServer(work / "source") as server:
         parquet = write_disco_parquet(work / "disco10m.parquet", server.url, entries)
         inputs = [f"disco10m={parquet}"]
-        ray_config = write_run_config(work / "pipeline", inputs, fast)
+        for label, folder, extra in (("`discomv run` (streaming: one Ray Data pipeline)", "stream", []),
+                                     ("`discomv run`, run.executor=stages (stage after stage)", "stages",
+                                      ["--set", "run.executor=stages"])):
+            config = write_run_config(work / folder, inputs, fast)
+            seconds = timed_process(cli + [str(config)] + extra, env)
+            runs.append((label, seconds, pipeline_outcome(config), *shard_keys(config)))
         loop_config = write_run_config(work / "loop", inputs, fast)
-        ray_s = timed_process([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(ray_config), "--no-progress"], env)
         loop_out = work / "loop" / "outcome.json"
         loop_s = timed_process([sys.executable, str(Path(__file__).resolve()), "--loop-config", str(loop_config),
                                 "--loop-out", str(loop_out)], env)
-    ours, loop = pipeline_outcome(ray_config), json.loads(loop_out.read_text())
-    ray_keys, ray_faults = shard_keys(ray_config)
-    loop_keys, loop_faults = shard_keys(loop_config)
-    return report(len(entries), fast, header, (ray_s, ours, ray_keys, ray_faults), (loop_s, loop, loop_keys, loop_faults))
+    runs.append(("plain loop, one video at a time, one process", loop_s, json.loads(loop_out.read_text()),
+                 *shard_keys(loop_config)))
+    return report(len(entries), fast, header, runs)
 
 
-def report(candidates: int, fast: bool, header: str, ray: tuple, loop: tuple) -> int:
-    (ray_s, ours, ray_keys, ray_faults), (loop_s, theirs, loop_keys, loop_faults) = ray, loop
+def report(candidates: int, fast: bool, header: str, runs: list[tuple]) -> int:
+    """runs: (label, seconds, outcome, shard keys, verify faults) for streaming, stage after stage, loop."""
+    (_, stream_s, ours, keys, _), (_, stages_s, _, _, _), (_, loop_s, _, _, _) = runs
     audio_h = ours["audio_s"] / 3600
     models = "test models (tiny8k / encodec_32khz_test / hiera_test_16x224)" if fast else "real architectures, random init"
     print(f"\n### end-to-end: {candidates} candidates ({candidates - 5} synthetic 20 s music videos + 5 broken), "
           f"{models}, demo settings\n")
     print("| runner | wall s | videos/s | audio-h per h | shard samples |")
     print("|---|---:|---:|---:|---:|")
-    for label, seconds, keys in (("`discomv run` (Ray Data, every stage)", ray_s, ray_keys),
-                                 ("plain loop, one video at a time, one process", loop_s, loop_keys)):
-        print(f"| {label} | {seconds:.1f} | {candidates / seconds:.3f} | {audio_h * 3600 / seconds:.2f} | {len(keys)} |")
-    print(f"\nper-stage statuses, pipeline: {ours['statuses']}\nper-stage statuses, loop:     {theirs['statuses']}")
-    print(f"pipeline / loop: {loop_s / ray_s:.2f}×; downloaded audio {ours['audio_s']:.0f} s\nmachine: {header}")
+    for label, seconds, _, run_keys, _ in runs:
+        print(f"| {label} | {seconds:.1f} | {candidates / seconds:.3f} | {audio_h * 3600 / seconds:.2f} | {len(run_keys)} |")
+    for label, _, outcome, _, _ in runs:
+        print(f"per-stage statuses, {label}: {outcome['statuses']}")
+    print(f"streaming / plain loop: {loop_s / stream_s:.2f}×; streaming / stage after stage: {stages_s / stream_s:.2f}×; "
+          f"downloaded audio {ours['audio_s']:.0f} s\nmachine: {header}")
     problems = []
-    if ray_keys != loop_keys:
-        problems.append(f"shard samples differ: pipeline {len(ray_keys)}, loop {len(loop_keys)}")
-    if ours["statuses"] != theirs["statuses"]:
-        problems.append("per-stage status counts differ")
-    if abs(ours["audio_s"] - theirs["audio_s"]) > 1e-6:
-        problems.append(f"downloaded audio differs: {ours['audio_s']} vs {theirs['audio_s']}")
-    problems += [f"verify: {fault}" for fault in ray_faults + loop_faults]
-    if not ray_keys:
+    for label, _, outcome, run_keys, _ in runs[1:]:
+        if run_keys != keys:
+            problems.append(f"shard samples differ: streaming {len(keys)}, {label} {len(run_keys)}")
+        if outcome["statuses"] != ours["statuses"]:
+            problems.append(f"per-stage status counts differ from {label}")
+        if abs(outcome["audio_s"] - ours["audio_s"]) > 1e-6:
+            problems.append(f"downloaded audio differs: {outcome['audio_s']} vs {ours['audio_s']}")
+    problems += [f"verify: {fault}" for run in runs for fault in run[4]]
+    if not keys:
         problems.append("no shard samples: nothing measured end to end")
     if problems:
         print("MISMATCH: " + "; ".join(problems))
         return 1
-    record("end-to-end", f"`discomv run`: {candidates / ray_s:.3f} videos/s, {audio_h * 3600 / ray_s:.2f} audio-h/h "
-           f"({candidates} candidates → {len(ray_keys)} shard samples in {ray_s:.0f} s; {models})",
+    record("end-to-end", f"`discomv run` streaming: {candidates / stream_s:.3f} videos/s, {audio_h * 3600 / stream_s:.2f} "
+           f"audio-h/h ({candidates} candidates → {len(keys)} shard samples in {stream_s:.0f} s; {models}); stage after "
+           f"stage {stages_s:.0f} s ({stages_s / stream_s:.2f}× slower than streaming)",
            f"plain loop, one video at a time: {candidates / loop_s:.3f} videos/s, {audio_h * 3600 / loop_s:.2f} audio-h/h "
-           f"({loop_s:.0f} s)", loop_s / ray_s, "same shard samples and per-stage statuses")
+           f"({loop_s:.0f} s)", loop_s / stream_s, "same shard samples and per-stage statuses in all three")
     return 0
 
 

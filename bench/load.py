@@ -4,7 +4,12 @@ open file descriptors of the driver and of every process it started (Ray's rayle
 workers). Prints rows/s per stage (from the run's own summary lines), peak RSS of the driver and of
 the workers, and open descriptors early vs late in the run (growth would be a leak).
 
-    python bench/load.py [--candidates 1000] [--out build/load]
+    python bench/load.py [--candidates 1000] [--out build/load] [--executor both|stream|stages]
+
+By default the corpus runs twice, one run after the other: the streaming `discomv run`, then
+`run.executor=stages` (stage after stage); it prints both, their wall-time ratio, the peak bytes of
+media on disk during each (sampled once a second), and whether every stage's statuses and the shard
+samples are the same (exit 1 if not).
 
 Small models through the real code paths (as tests/test_crash.py): the figure is about the spine
 (memory, descriptors, bookkeeping at 1,000 rows), not model throughput.
@@ -39,7 +44,7 @@ SETTINGS = {
     "beats": {"frame_size": "128x72"},
     "shards": {"max_samples": 200},
 }
-SUMMARY = re.compile(r"discomv: (\w+): processed (\d+) rows \((.*?)\) in ([\d.]+)s \[([\d.]+) rows/s\]")
+SUMMARY = re.compile(r"discomv: (\w+): processed (\d+) rows \((.*?)\) in ([\d.]+)s \[([\d.]+) rows/s")
 
 
 def descendants(root: int) -> list[int]:
@@ -79,9 +84,9 @@ def open_fds(pid: int) -> int:
 class Sampler(threading.Thread):
     """Once a second: driver RSS, the largest worker RSS, all workers' RSS summed, descriptors."""
 
-    def __init__(self, driver: int) -> None:
+    def __init__(self, driver: int, media: Path) -> None:
         super().__init__(daemon=True)
-        self.driver, self.samples, self.stop = driver, [], threading.Event()
+        self.driver, self.media, self.samples, self.stop = driver, media, [], threading.Event()
 
     def run(self) -> None:
         started = time.monotonic()
@@ -96,43 +101,82 @@ class Sampler(threading.Thread):
                 "driver_fds": open_fds(self.driver),
                 "all_fds": open_fds(self.driver) + sum(open_fds(p) for p in others),
                 "processes": len(others) + 1,
+                "media_bytes": media_bytes(self.media),
             })
+
+
+def media_bytes(root: Path) -> int:
+    """Bytes of media on disk now (files being written included)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--out", default="build/load")
+    parser.add_argument("--executor", choices=("both", "stream", "stages"), default="both",
+                        help="both: the streaming run, then stage after stage, on the same corpus (default)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    for sub in ("manifests", "media", "shards"):
-        shutil.rmtree(out / sub, ignore_errors=True)
     names = synth.make_copies_corpus(out / "source", args.candidates, broken_every=20)
+    executors = ["stream", "stages"] if args.executor == "both" else [args.executor]
+    results = {}
     with LocalServer(out / "source") as server:
         (out / "urls.txt").write_text("".join(f"{server.url}/{n}?n={i}\n" for i, n in enumerate(names)))
-        config = {"run": {"manifest_root": str(out / "manifests"), "media_root": str(out / "media"),
-                          "shard_root": str(out / "shards"), "weights": "random"},
-                  "ingest": {"inputs": [str(out / "urls.txt")]}, **SETTINGS}
-        (out / "config.yaml").write_text(yaml.safe_dump(config))
-        started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(out / "config.yaml"),
-                                 "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sampler = Sampler(proc.pid)
-        sampler.start()
-        log = proc.communicate()[0]
-        wall = time.monotonic() - started
-        sampler.stop.set()
-        sampler.join()
-    (out / "run.log").write_text(log)
+        for executor in executors:
+            results[executor] = run_one(out / executor, out / "urls.txt", executor)
+            if results[executor] is None:
+                return 1
+    for executor, (wall, log, samples, _) in results.items():
+        report(args.candidates, executor, wall, log, samples)
+    return compare(args.candidates, results) if len(results) == 2 else 0
+
+
+def run_one(work: Path, urls: Path, executor: str) -> tuple[float, str, list[dict], dict] | None:
+    for sub in ("manifests", "media", "shards"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    config = {"run": {"manifest_root": str(work / "manifests"), "media_root": str(work / "media"),
+                      "shard_root": str(work / "shards"), "weights": "random", "executor": executor},
+              "ingest": {"inputs": [str(urls)]}, **SETTINGS}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(work / "config.yaml"),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = Sampler(proc.pid, work / "media")
+    sampler.start()
+    log = proc.communicate()[0]
+    wall = time.monotonic() - started
+    sampler.stop.set()
+    sampler.join()
+    (work / "run.log").write_text(log)
     if proc.returncode != 0:
         print(log[-4000:])
-        return 1
-    report(args.candidates, wall, log, sampler.samples)
-    return 0
+        return None
+    return wall, log, sampler.samples, outcome(work)
 
 
-def report(n: int, wall: float, log: str, samples: list[dict]) -> None:
-    print(f"\n### load: {n} candidates through ingest → shards in {wall / 60:.1f} min "
+def outcome(work: Path) -> dict:
+    """Latest status and reason per key per stage, and the shard sample keys."""
+    from pipeline.manifest import ManifestStore
+    from pipeline.webds.index import read_shards
+    from stages import STAGES
+
+    store = ManifestStore(work / "manifests")
+    statuses = {name: {r["key"]: (r["status"], r["reason"]) for r in store.latest(name).to_pylist()}
+                for name in STAGES if store.latest(name) is not None}
+    return {"statuses": statuses, "samples": {k for info in read_shards(work / "shards").values() for k in info.keys}}
+
+
+def report(n: int, executor: str, wall: float, log: str, samples: list[dict]) -> None:
+    print(f"\n### load ({executor}): {n} candidates through ingest → shards in {wall / 60:.1f} min "
           f"({n / wall:.2f} candidates/s end to end)\n")
     print("| stage | rows | statuses | seconds | rows/s |")
     print("|---|---:|---|---:|---:|")
@@ -146,9 +190,26 @@ def report(n: int, wall: float, log: str, samples: list[dict]) -> None:
     print(f"open descriptors, driver: max {max(s['driver_fds'] for s in early)} in the first quarter of the run, "
           f"max {max(s['driver_fds'] for s in late)} in the last; all processes: "
           f"{max(s['all_fds'] for s in early)} → {max(s['all_fds'] for s in late)}")
-    record("load (1,000 candidates)" if n == 1000 else f"load ({n} candidates)",
+    record(f"load, {executor} ({n:,} candidates)",
            f"{n / wall:.2f} candidates/s end to end; driver peak RSS {peak['driver_rss']:.0f} MB",
            "", None, note=f"driver fds {max(s['driver_fds'] for s in early)} → {max(s['driver_fds'] for s in late)}")
+
+
+def compare(n: int, results: dict) -> int:
+    (stream_s, _, stream_samples, ours), (stages_s, _, stages_samples, theirs) = results["stream"], results["stages"]
+    peak = {name: max((s["media_bytes"] for s in samples), default=0) / 1e6
+            for name, samples in (("stream", stream_samples), ("stages", stages_samples))}
+    print(f"\n### streaming vs stage after stage, {n} candidates, same corpus, one after the other\n")
+    print(f"wall: streaming {stream_s / 60:.1f} min, stage after stage {stages_s / 60:.1f} min "
+          f"({stages_s / stream_s:.2f}× in streaming's favour)")
+    print(f"peak media on disk: streaming {peak['stream']:.0f} MB, stage after stage {peak['stages']:.0f} MB")
+    same = ours == theirs
+    print("same statuses and reasons per key in every stage, same shard samples: " + ("yes" if same else "NO"))
+    record(f"streaming vs stage after stage ({n:,} candidates)",
+           f"streaming `discomv run`: {stream_s / 60:.1f} min, peak media on disk {peak['stream']:.0f} MB",
+           f"run.executor=stages: {stages_s / 60:.1f} min, peak media on disk {peak['stages']:.0f} MB",
+           stages_s / stream_s, "same statuses and shard samples" if same else "OUTCOMES DIFFER")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ class MediaJanitor:
         self.queued: list[tuple[str, dict[str, str], str]] = []  # (video key, path → kind, why)
         self.last_sweep = time.monotonic()
         self.removed_bytes = 0
-        self.peak_bytes = 0
 
     def see(self, row: Row) -> None:
         """A row leaving the stream (any status)."""
@@ -82,20 +81,30 @@ class MediaJanitor:
         self.recorded()
         queued, self.queued, self.last_sweep = self.queued, [], time.monotonic()
         now = datetime.now(timezone.utc)
-        rows = []
+        rows, doomed = [], []
         for key, paths, why in queued:
-            gone, size = [], 0
-            for path in paths:
-                try:
-                    size += Path(path).stat().st_size
-                    Path(path).unlink()
-                    gone.append(path)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:  # kept, and said: the run goes on
-                    log.warning("media: could not remove %s: %s", path, e)
-            if gone:
-                self.removed_bytes += size
-                rows.append({"key": key, "status": OK, "reason": why, "removed": gone, "removed_bytes": size,
-                             "removed_kinds": sorted({paths[p] for p in gone}), "finished_at": now})
+            sizes = {path: _size(path) for path in paths}
+            present = [path for path, size in sizes.items() if size is not None]
+            if present:
+                rows.append({"key": key, "status": OK, "reason": why, "removed": present,
+                             "removed_bytes": sum(sizes[p] for p in present),
+                             "removed_kinds": sorted({paths[p] for p in present}), "finished_at": now})
+                doomed += present
+        # recorded first: a kill in between leaves a file the manifest calls removed, never a
+        # missing file the manifests still point to
         self.store.append(MEDIA_STAGE, SCHEMA, rows)
+        for path in doomed:
+            try:
+                Path(path).unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # kept, and said: the run goes on
+                log.warning("media: could not remove %s: %s", path, e)
+        self.removed_bytes += sum(r["removed_bytes"] for r in rows)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return None
