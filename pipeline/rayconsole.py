@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 AUTH_MODE = "RAY_AUTH_MODE"
@@ -28,15 +27,16 @@ ACTOR_POOL_WARNING = r"The minimum number of concurrent actors for .* is set to"
 def before_init(address: str | None) -> None:
     """Environment Ray reads in `ray.init`. Ray 2.60 turns token authentication on for a new local
     cluster and warns that it did ("Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to
-    opt out"); asking for token mode explicitly keeps authentication on and the warning off. On a
-    cluster (`RAY_ADDRESS`), token mode is asked for only where a token exists, as Ray would choose."""
-    if AUTH_MODE in os.environ:
-        return  # the user's own choice
-    if not address or (Path.home() / ".ray" / "auth_token").is_file():
-        os.environ[AUTH_MODE] = "token"
-        from ray._raylet import Config
+    opt out"); asking for token mode explicitly keeps authentication on and the warning off. Joining
+    a cluster (`RAY_ADDRESS`), Ray's own choice stands: a token file left on this machine by an
+    embedded run says nothing about how that cluster was started (forcing token mode there hung every
+    task of a cluster started without it)."""
+    if AUTH_MODE in os.environ or address:
+        return  # the user's own choice, or the cluster's
+    os.environ[AUTH_MODE] = "token"
+    from ray._raylet import Config
 
-        Config.initialize("")  # Ray caches its config when imported: re-read it, as Ray does when it sets the mode
+    Config.initialize("")  # Ray caches its config when imported: re-read it, as Ray does when it sets the mode
 
 
 def after_init() -> None:

@@ -35,13 +35,24 @@ from pipeline.manifest import ManifestStore, full_schema
 from pipeline.placement import check_gpus_exist, check_prepare_fits, fit_stream
 from pipeline.plan import StreamPlan, plan_stream
 from pipeline.recorder import ManifestRecorder
-from pipeline.runner import RunSummary, ensure_ray, stage_params_hash
-from pipeline.stage import Stage
+from pipeline.runner import RunSummary, ensure_ray, run_stage, stage_params_hash
+from pipeline.stage import SourceStage, Stage
 from pipeline.worker import StreamWorker, pack_row, stream_in_task, stream_prepare_in_task, unpack_rows
 
 log = logging.getLogger("discomv")
 MIN_BLOCK_ROWS = 4  # rows per block read into the stream (a download actor's queue holds a few blocks)
 REPORT_SECONDS = 30.0  # a progress line this often when no progress bars are shown
+
+
+def run_pipeline(names: list[str], cfg: Config, progress: bool = True) -> list[RunSummary]:
+    """`discomv run`: the stages in order — a source stage (ingest) on its own first, then the rest as
+    one streaming pipeline; with run.executor=stages, each stage over every row, then the next."""
+    if cfg.run.executor == "stages":
+        return [run_stage(name, cfg, progress=progress) for name in names]
+    sources = [n for n in names if issubclass(cfg.registry[n], SourceStage)]
+    rest = [n for n in names if n not in sources]
+    summaries = [run_stage(name, cfg, progress=progress) for name in sources]
+    return summaries + (run_stream(rest, cfg, progress) if rest else [])
 
 
 def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[RunSummary]:

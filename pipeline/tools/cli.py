@@ -152,9 +152,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         for stage in stages:  # before hours of work start
             stage.preflight()
         from pipeline.runner import ensure_ray
+        from pipeline.stream import run_pipeline
 
         ensure_ray(cfg.run.num_cpus)
-        summaries = run_chosen(chosen, cfg, progress)
+        summaries = run_pipeline(chosen, cfg, progress)
         print_status(cfg)
         print_run(summaries)
         return 0
@@ -194,22 +195,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "weights":
         return fetch_all_weights(cfg)
     raise AssertionError(args.command)
-
-
-def run_chosen(chosen: list[str], cfg, progress: bool) -> list:
-    """The stages in order: stage after stage, or (run.executor=stream) a source stage first, then
-    the rest as one streaming pipeline."""
-    from pipeline.runner import run_stage
-    from pipeline.stage import SourceStage
-
-    if cfg.run.executor == "stages":
-        return [run_stage(name, cfg, progress=progress) for name in chosen]
-    from pipeline.stream import run_stream
-
-    sources = [n for n in chosen if issubclass(cfg.registry[n], SourceStage)]
-    summaries = [run_stage(name, cfg, progress=progress) for name in sources]
-    rest = [n for n in chosen if n not in sources]
-    return summaries + (run_stream(rest, cfg, progress) if rest else [])
 
 
 def run_audit(args: argparse.Namespace, cfg) -> int:

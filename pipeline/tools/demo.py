@@ -131,6 +131,7 @@ def write_config(work: Path, inputs: list[str], ingest: dict[str, Any] | None = 
             "media_root": str(work / "media"),
             "shard_root": str(work / "shards"),
             "weights": "random",
+            "keep_media": ["video", "stems"],  # `discomv browse` plays each clip's video and instrumental
         },
         "ingest": {"inputs": inputs, **(ingest or {})},
     }
@@ -143,7 +144,7 @@ def write_config(work: Path, inputs: list[str], ingest: dict[str, Any] | None = 
 def run_demo(out: str, n_videos: int = 8, progress: bool = True, port: int = DEMO_PORT) -> Path:
     """Every stage over a synthetic corpus served from 127.0.0.1; returns the demo's config file
     (the command line then verifies, trains and audits, as a user would)."""
-    from pipeline.runner import run_stage
+    from pipeline.stream import run_pipeline
     from pipeline.tools.summary import print_run, print_status
     from stages import STAGES, load_config
 
@@ -159,7 +160,7 @@ def run_demo(out: str, n_videos: int = 8, progress: bool = True, port: int = DEM
         config_path = write_config(work, [f"disco10m={parquet}", f"urls={urls}", f"yt8m={work / 'yt8m'}"], yt8m)
         cfg = load_config(config_path)
         log.info("demo: serving %s on %s; config %s", work / "source", server.url, config_path)
-        summaries = [run_stage(name, cfg, progress=progress) for name in STAGES]
+        summaries = run_pipeline(list(STAGES), cfg, progress=progress)
     print_status(cfg)
     print_run(summaries)
     return config_path
