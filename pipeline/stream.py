@@ -40,7 +40,6 @@ from pipeline.stage import SourceStage, Stage
 from pipeline.worker import StreamWorker, pack_row, stream_in_task, stream_prepare_in_task, unpack_rows
 
 log = logging.getLogger("discomv")
-MIN_BLOCK_ROWS = 4  # rows per block read into the stream (a download actor's queue holds a few blocks)
 REPORT_SECONDS = 30.0  # a progress line this often when no progress bars are shown
 
 
@@ -137,7 +136,10 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
         log.info("stream: %d stages share %g CPUs: each stage's CPU request × %.2f (the OS shares the cores)",
                  len(stages), ray.cluster_resources().get("CPU", 0), factor)
     first = next(k for k, e in enumerate(plan.entering) if e)
-    block_rows = max(MIN_BLOCK_ROWS, stages[first].resources.batch_size)
+    # One batch of the first stage per block: a map task's output moves on only when its whole input
+    # block is done, so a block of many downloads would hold the next stage back. The blocks are cut
+    # by the read tasks in the workers, never put one by one from the driver.
+    block_rows = max(1, stages[first].resources.batch_size)
     ds = ray.data.read_datasource(_entries_source(files), override_num_blocks=max(1, -(-plan.rows // block_rows)),
                                   num_cpus=0.01, label_selector=_on_driver_node())
     config_json = json.dumps(cfg.as_dict())
