@@ -64,8 +64,10 @@ def describe(context: Any, address: str | None) -> str:
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     size = f"{cpus:g} CPU{'s' * (cpus != 1)}" + (f", {gpus:g} GPU{'s' * (gpus != 1)}" if gpus else "")
     url = getattr(context, "dashboard_url", None)
-    if url:
+    if url:  # a cluster's own dashboard, or ours where `ray[default]` is installed
         dashboard = f"dashboard http://{url}"
-    else:
+    elif address:
+        dashboard = "no dashboard (the cluster runs without one)"
+    else:  # our pin, ray[data], has none: a dashboard costs each run seconds and memory (docs/browse.md)
         dashboard = "no dashboard (it needs `pip install 'ray[default]'`)"
     return f"ray: {where} ({size}); {dashboard}"
