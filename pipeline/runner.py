@@ -167,7 +167,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     rayconsole.before_init(address)
     context = ray.init(
-        address=address or None,
+        address=address or "local",  # a new Ray of our own unless RAY_ADDRESS: never a stray `ray start` cluster here
         num_cpus=None if address else num_cpus,
         logging_level=logging.WARNING,
         configure_logging=True,
