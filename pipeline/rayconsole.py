@@ -69,5 +69,5 @@ def describe(context: Any, address: str | None) -> str:
     elif address:
         dashboard = "no dashboard (the cluster runs without one)"
     else:  # our pin, ray[data], has none: a dashboard costs each run seconds and memory (docs/browse.md)
-        dashboard = "no dashboard (it needs `pip install 'ray[default]'`)"
+        dashboard = "no dashboard (`pip install 'discomv[dashboard]'` adds one)"
     return f"ray: {where} ({size}); {dashboard}"

@@ -10,7 +10,7 @@ import ray
 
 from pipeline import rayconsole
 
-NO_LOCAL = "no dashboard (it needs `pip install 'ray[default]'`)"
+NO_LOCAL = "no dashboard (`pip install 'discomv[dashboard]'` adds one)"
 
 
 @pytest.mark.parametrize(("url", "address", "tail"), [
