@@ -72,7 +72,7 @@ def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[Run
     run_id = uuid.uuid4().hex[:12]
     entries = Path(tempfile.mkdtemp(prefix=f"discomv-stream-{run_id}-"))
     recorder = _start_recorder(cfg, stages)
-    janitor = MediaJanitor({c: k for s in stages for c, k in s.media.items()}, cfg.run.keep_media,
+    janitor = MediaJanitor({c: k for s in cfg.registry.values() for c, k in s.media.items()}, cfg.run.keep_media,
                            "shards" if names[-1] == list(cfg.registry)[-1] else None, store,
                            lambda: _ray_get(recorder.flush.remote()))
     started = time.perf_counter()
@@ -86,6 +86,9 @@ def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[Run
                 janitor.sweep()
         _ray_get(recorder.close.remote())
         janitor.sweep(force=True)
+    except BaseException:  # a stage bug, a full disk, Ctrl-C: what was taken is still recorded
+        _record_what_was_taken(recorder)
+        raise
     finally:
         shutil.rmtree(entries, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -96,6 +99,15 @@ def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[Run
     if janitor.removed_bytes:
         log.info("media: removed %.1f MB no later stage needs (run.keep_media keeps them)", janitor.removed_bytes / 1e6)
     return summaries
+
+
+def _record_what_was_taken(recorder: Any) -> None:
+    try:
+        rows = _ray_get(recorder.close.remote())
+        log.info("stream stopped: the %d results taken since the last flush are recorded; a re-run goes on from there",
+                 rows)
+    except Exception as e:  # the recorder itself failed (its error is the one raised)
+        log.error("stream stopped: results taken since the last flush could not be recorded (%s)", e)
 
 
 def _ray_get(ref: Any) -> Any:
