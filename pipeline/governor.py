@@ -93,6 +93,7 @@ class Egress:
     until: float = 0.0  # cooling down until then
     strikes: int = 0
     attempts: int = 0
+    assigned: int = 0
     failures: int = 0
     last_class: str = ""
 
@@ -111,12 +112,13 @@ class GovernorCore:
         self.started = clock()
         self.bytes_done = 0
         self.stats = {"calls": 0, "requests_granted": 0, "requests_returned": 0, "bytes_granted": 0,
-                      "breaker_trips": 0}
+                      "breaker_trips": 0, "cap_waits": 0}  # cap_waits: asks the request cap made wait
 
     def grant(self, want_requests: int = 0, want_bytes: int = 0, outcomes: list[list[Any]] | None = None,
-              returned: int = 0) -> dict[str, Any]:
+              returned: int = 0, want_egress: bool = False) -> dict[str, Any]:
         """Apply `outcomes` ([egress, error class or "", transient, retry_after_s or None, bytes] each),
-        take back `returned` unused request tokens, then grant what the caps allow now."""
+        take back `returned` unused request tokens, then grant what the caps allow now; with
+        `want_egress`, also assign the usable egress given out least so far (`egress`)."""
         now = self.clock()
         self.stats["calls"] += 1
         if returned:
@@ -128,6 +130,10 @@ class GovernorCore:
         answer: dict[str, Any] = {"requests": 0, "bytes": 0, "wait_s": 0.0, "budget": self._budget(now),
                                   "egresses": usable, "paused": self.open_until > now,
                                   "egress_wait_s": 0.0 if usable else min(e.until for e in self.egresses.values()) - now}
+        if want_egress and usable and not answer["budget"]:
+            chosen = min((self.egresses[n] for n in usable), key=lambda e: e.assigned)
+            chosen.assigned += 1
+            answer["egress"] = chosen.name
         if answer["budget"]:
             return answer
         if answer["paused"]:
@@ -136,6 +142,7 @@ class GovernorCore:
         answer["requests"], wait_r = self.requests.take(want_requests)
         answer["bytes"], wait_b = self.bytes.take(want_bytes, at_least=want_bytes // 4)
         answer["wait_s"] = max(wait_r, wait_b)
+        self.stats["cap_waits"] += wait_r > 0
         self.stats["requests_granted"] += answer["requests"]
         self.stats["bytes_granted"] += answer["bytes"]
         return answer
@@ -210,18 +217,15 @@ class GovernorClient:
         self.byte_credit = 0
         self.outcomes: list[list[Any]] = []
         self.usable = list(settings.egresses or ["direct"])
-        self.egress_wait_s = 0.0
-        self.checked = -1e9  # when the egress list was last refreshed
-        self.turn = 0
         self.budget: str | None = None
         self.waited_s = 0.0  # total seconds spent waiting on the governor
 
-    def _ask(self, want_requests: int = 0, want_bytes: int = 0) -> dict[str, Any]:
+    def _ask(self, want_requests: int = 0, want_bytes: int = 0, want_egress: bool = False) -> dict[str, Any]:
         returned = self.leased if self.clock() >= self.lease_until else 0
         outcomes, self.outcomes = self.outcomes, []
-        answer = self.call(want_requests, want_bytes, outcomes, returned)
+        answer = self.call(want_requests, want_bytes, outcomes, returned, want_egress)
         self.leased = 0 if answer["paused"] else self.leased - returned  # a tripped breaker voids leases
-        self.usable, self.egress_wait_s, self.checked = answer["egresses"], answer["egress_wait_s"], self.clock()
+        self.usable = answer["egresses"]
         self.budget = answer["budget"]
         if answer["requests"]:
             self.leased += answer["requests"]
@@ -266,17 +270,17 @@ class GovernorClient:
                     self._wait(answer["wait_s"])
 
     def choose_egress(self) -> str:
-        """An egress not cooling down (round robin), waiting while all are; once per attempt."""
+        """The egress for one attempt, assigned by the governor (the usable one given out least, so
+        workers spread over the pool and none is handed a banned one it has not heard of); waits
+        while every egress cools down."""
         with self.lock:
-            if self.clock() - self.checked > self.settings.lease_s:
-                self._ask()
-            while not self.usable and not self.budget:
-                self._wait(self.egress_wait_s)
-                self._ask()
+            answer = self._ask(want_egress=True)
+            while not answer.get("egress") and not self.budget:
+                self._wait(answer["egress_wait_s"] or answer["wait_s"])
+                answer = self._ask(want_egress=True)
             if self.budget:
                 raise BudgetReached(self.budget)
-            self.turn += 1
-            return self.usable[self.turn % len(self.usable)]
+            return answer["egress"]
 
     def report(self, egress: str, error_class: str, transient: bool, retry_after: float | None = None) -> None:
         """One attempt's outcome (error_class "" for success); failures reach the governor at once."""

@@ -86,9 +86,8 @@ class AdversarialServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _admit(self, client: str, path: str) -> tuple[int, int]:
+    def _admit(self, client: str, path: str, now: float) -> tuple[int, int]:
         """(status to answer, how many times this path was asked before) for one request."""
-        now = time.monotonic()
         with self.lock:
             window = self.recent[client]
             window.append(now)
@@ -102,9 +101,9 @@ class AdversarialServer:
             return 429, seen
         return 200, seen
 
-    def log(self, client: str, method: str, path: str, status: int, nbytes: int) -> None:
+    def log(self, t: float, client: str, method: str, path: str, status: int, nbytes: int) -> None:
         with self.lock:
-            self.hits.append(Hit(time.monotonic(), client, method, path, status, nbytes))
+            self.hits.append(Hit(t, client, method, path, status, nbytes))
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -132,10 +131,11 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.server_state
         path = urlsplit(self.path).path
         client = self.client_address[0]
-        status, seen = s._admit(client, f"{self.command} {path}")
+        arrived = time.monotonic()  # hits are logged at arrival: what a rate limiter counts
+        status, seen = s._admit(client, f"{self.command} {path}", arrived)
         if status != 200:
             self._refuse(status)
-            s.log(client, self.command, path, status, 0)
+            s.log(arrived, client, self.command, path, status, 0)
             return
         parts = path.strip("/").split("/")
         if parts[0] == "status" and len(parts) > 1 and parts[1].isdigit():
@@ -148,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._file("/".join(parts[2:]), body, misbehave)
         else:
             self._file(path.strip("/"), body, None)
-        s.log(client, self.command, path, getattr(self, "_status", 0), getattr(self, "_sent", 0))
+        s.log(arrived, client, self.command, path, getattr(self, "_status", 0), getattr(self, "_sent", 0))
 
     def _refuse(self, status: int) -> None:
         if status == 429:
