@@ -101,16 +101,27 @@ def test_a_banned_egress_stops_being_used_while_others_go_on(stage, net):
 
 def test_retry_after_is_honoured_before_the_egress_is_used_again(stage, net):
     server, _ = net
-    server.limit_per_s, server.retry_after_s = 3, 1.5  # the 2nd video's transfer is the 4th request
+    server.retry_after_s = 1.5
     s = stage(n_proxies=1, egress_cooldown_s=30)
-    assert fetch(s, "moving.mp4", key="a").status == "ok"
-    result = fetch(s, "moving.mp4", key="b")
+    result = fetch(s, "busy/1/moving.mp4")  # the first GET: 429 with Retry-After
     assert result.status == "ok" and result.metrics["attempts"] == 2, result.reason
     refused = [h for h in server.hits if h.status == 429]
-    assert refused, "the server's limit must have been hit"
+    assert len(refused) == 1
     after = [h for h in server.hits if h.t > refused[0].t]
     assert after and after[0].t - refused[0].t >= 1.5 * 0.95  # Retry-After, not the 30 s cooldown, not less
     assert result.metrics["waited_s"] >= 1.4
+
+
+def test_the_server_refuses_past_its_per_address_limit(media_dir: Path):
+    server = AdversarialServer(media_dir, limit_per_s=3)
+    at = [0.0, 0.1, 0.2, 0.3, 0.4, 1.35, 1.5, 1.6, 1.7]
+    answers = [server._admit("127.0.0.2", "GET /x", 100 + t)[0] for t in at]
+    # a sliding second; refused requests count too (at 1.35 the window holds 0.4 and 1.35)
+    assert answers == [200, 200, 200, 429, 429, 200, 200, 200, 429]
+    assert server._admit("127.0.0.3", "GET /x", 101.5)[0] == 200  # another address: its own budget
+    server.banned.add("127.0.0.4")
+    assert server._admit("127.0.0.4", "GET /x", 102)[0] == 403
+    server.httpd.server_close()
 
 
 def test_budget_defers_unstarted_downloads_and_the_spine_records_none_of_them(stage, net):

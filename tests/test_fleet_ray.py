@@ -104,3 +104,48 @@ def test_the_governor_saw_every_request(fleet_run):
     state = fleet_run["state"]
     used = state["requests_granted"] - state["requests_returned"]
     assert used >= len(fleet_run["hits"]) * 0.95  # the proxies count each hop; so does the governor
+
+
+def test_killed_workers_and_a_killed_governor_lose_nothing_and_fetch_nothing_twice(
+        tmp_path: Path, media_dir: Path, ray_local, make_config, copy_many):
+    """SIGKILL-equivalent (ray.kill) of one download worker and of the governor actor mid-run: the
+    governor restarts, the dead worker's row goes to another worker, every candidate ends once, and
+    no finished download is fetched again (a file finished but unrecorded is reused)."""
+    import ray
+
+    names = copy_many(media_dir / "moving.mp4", media_dir / "fleet-kill", 16)
+    rows = [{"key": f"q{i:03d}", "url": f"http://{PUBLIC_ADDRESS}/{n}"} for i, n in enumerate(names)]
+    with AdversarialServer(media_dir) as server, EgressProxy(server.port, SOURCES[0]) as proxy:
+        cfg = make_config(tmp_path, ["unused"], download={
+            "proxies": [proxy.url], "allow_private_hosts": False, "requests_per_s": 6.0,
+            "rate_limit": "300K", "concurrency": 3})
+        stage_cls = cfg.registry["download"]
+        stage = stage_cls(cfg.stage("download"), cfg.run)
+        fleet.start(stage)
+        workers = start_workers(3, json.dumps(cfg.as_dict()), stage_cls)
+        killed = {}
+
+        def kill_once(results: list[dict]) -> None:
+            if len(results) == 6 and not killed:
+                killed["at"] = True
+                ray.kill(workers[0])
+                ray.kill(ray.get_actor(stage.governor_settings().name), no_restart=False)
+
+        results, requeued = dispatch(workers, rows, kill_once)
+        state = fleet.state(stage)
+        hits = list(server.hits)
+        for w in workers[1:]:
+            ray.kill(w)
+    assert killed and requeued, "the kill must land while the worker held a row"
+    assert Counter(r["key"] for r in results) == Counter(r["key"] for r in rows)
+    assert {r["status"] for r in results} == {"ok"}, [r["reason"] for r in results if r["status"] != "ok"]
+    gets = Counter(h.path for h in hits if h.method == "GET")
+    for r in results:
+        path = "/" + next(row["url"] for row in rows if row["key"] == r["key"]).split("/", 3)[3]
+        if r["key"] not in requeued:
+            assert gets[path] == 2 * r["attempts"], (r["key"], gets[path], r["attempts"])  # probe + transfer
+        elif r["reused"]:
+            assert gets[path] <= 2, "finished before the kill: reused, not fetched again"
+        else:
+            assert gets[path] <= 2 * r["attempts"] + 2, "at most the killed attempt again"
+    assert state["calls"] > 0  # the restarted governor served the rest of the run

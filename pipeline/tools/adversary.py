@@ -10,6 +10,7 @@ egress proxies a fleet would go out through.
 - `/reset/N/FILE`: GETs 2..N+1 send half the file, then reset the connection;
 - `/redirect/private/FILE` → 302 to 169.254.169.254, `/redirect/loopback/FILE` → 302 to 127.0.0.1,
   `/redirect/public/FILE` → 302 to a public address (which the proxies bring back here);
+- `/busy/N/FILE`: the first N requests → 429 with Retry-After (a throttled video, whatever the rate);
 - `/status/CODE/...` → that status.
 Every request is logged (time, client address, path, status) so tests measure at the server.
 
@@ -137,18 +138,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(status)
             s.log(arrived, client, self.command, path, status, 0)
             return
+        self._status, self._sent = 0, 0
+        try:
+            self._route(path, body, seen)
+        finally:  # logged even when the client hung up mid-body
+            s.log(arrived, client, self.command, path, self._status, self._sent)
+
+    def _route(self, path: str, body: bool, seen: int) -> None:
         parts = path.strip("/").split("/")
         if parts[0] == "status" and len(parts) > 1 and parts[1].isdigit():
             self._send(int(parts[1]), b"status page", "text/plain")
         elif parts[0] == "redirect" and len(parts) > 2:
             self._redirect(parts[1], "/".join(parts[2:]))
+        elif parts[0] == "busy" and len(parts) > 2 and parts[1].isdigit() and seen <= int(parts[1]):
+            self._status = 429
+            self._refuse(429)
+        elif parts[0] == "busy" and len(parts) > 2:
+            self._file("/".join(parts[2:]), body, None)
         elif parts[0] in ("stall", "reset") and len(parts) > 2 and parts[1].isdigit():
             # GET 1 of a path is yt-dlp's probe (it reads no body): the next N are the transfers
             misbehave = parts[0] if self.command == "GET" and 1 < seen <= int(parts[1]) + 1 else None
             self._file("/".join(parts[2:]), body, misbehave)
         else:
             self._file(path.strip("/"), body, None)
-        s.log(arrived, client, self.command, path, getattr(self, "_status", 0), getattr(self, "_sent", 0))
 
     def _refuse(self, status: int) -> None:
         if status == 429:
@@ -197,13 +209,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        end = len(data) if misbehave is None else len(data) // 2
+        for at in range(0, end, 65536):  # `_sent`: what the socket took (an unread probe's too)
+            self.wfile.write(data[at:min(end, at + 65536)])
+            self._sent = min(end, at + 65536)
         if misbehave is None:
-            self.wfile.write(data)
-            self._sent = len(data)
             return
-        self.wfile.write(data[: len(data) // 2])
         self.wfile.flush()
-        self._sent = len(data) // 2
         if misbehave == "stall":
             time.sleep(self.server_state.stall_s)
         else:  # an RST, not a clean close: SO_LINGER with a zero timeout
