@@ -142,7 +142,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--cap", type=float, default=6.0, help="download.requests_per_s (fleet)")
     parser.add_argument("--bytes-cap", default="256K", help="download.rate_limit (fleet bytes/s)")
-    parser.add_argument("--server-limit", type=int, default=4, help="the server's requests/s per client address")
+    parser.add_argument("--server-limit", type=int, default=5, help="the server's requests/s per client address")
     args = parser.parse_args()
     ensure_ray()
     server_limit = args.server_limit * (len(SOURCES) - 1)  # per address × the egresses not banned

@@ -55,6 +55,31 @@ def _actor_class() -> Any:
     return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(GovernorActor)
 
 
+def _named(settings: GovernorSettings) -> Any:
+    """The run's governor actor, created if missing. Owned by its creator (the driver, through
+    `start`), so it ends with the run; it restarts if its process dies."""
+    return _actor_class().options(name=settings.name, get_if_exists=True).remote(asdict(settings))
+
+
+class _ActorCall:
+    """`grant` on the fleet actor; if the actor is gone for good (its owner died), look it up again."""
+
+    def __init__(self, settings: GovernorSettings) -> None:
+        self.settings, self.actor = settings, None
+
+    def __call__(self, *args: Any) -> dict[str, Any]:
+        import ray
+
+        for _ in range(2):
+            if self.actor is None:
+                self.actor = _named(self.settings)
+            try:
+                return ray.get(self.actor.grant.remote(*args))
+            except ray.exceptions.RayActorError:
+                self.actor = None
+        return ray.get(_named(self.settings).grant.remote(*args))
+
+
 def start(stage: Any) -> Any:
     """Driver side (Ray initialised): the run's governor actor, created or reset; None when the stage
     has no governor or the user turned the fleet governor off."""
@@ -63,8 +88,7 @@ def start(stage: Any) -> Any:
         return None
     import ray
 
-    actor = _actor_class().options(name=settings.name, get_if_exists=True, lifetime="detached").remote(
-        asdict(settings))
+    actor = _named(settings)
     ray.get(actor.configure.remote(asdict(settings)))
     log.info("%s: one governor for the fleet (%s): caps %s requests/s, %s bytes/s; %d egress(es)",
              stage.name, settings.name, settings.requests_per_s or "no cap", settings.bytes_per_s or "no cap",
@@ -79,16 +103,16 @@ def attach(stage: Any) -> None:
     settings = _settings(stage)
     if settings is None:
         return
+    import ray
+
+    if not ray.is_initialized():  # built in a plain process: it is the whole fleet (setup() governs it)
+        return
     if not settings.fleet:
         from pipeline.governor import local
 
         stage.governor = local(settings.split(getattr(stage.config, "concurrency", 1) or 1))
         return
-    import ray
-
-    actor = _actor_class().options(name=settings.name, get_if_exists=True, lifetime="detached").remote(
-        asdict(settings))
-    stage.governor = GovernorClient(lambda *args: ray.get(actor.grant.remote(*args)), settings)
+    stage.governor = GovernorClient(_ActorCall(settings), settings)
 
 
 def recorded(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

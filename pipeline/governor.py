@@ -204,6 +204,10 @@ class BudgetReached(Exception):
     pass
 
 
+class EgressCooling(Exception):
+    """The egress of an attempt in flight was struck meanwhile (by any worker): stop using it now."""
+
+
 class GovernorClient:
     """What a download stage holds. `call(want_requests, want_bytes, outcomes, returned)` reaches the
     governor: a LocalGovernor's `grant`, or the fleet actor's (pipeline/fleet.py)."""
@@ -242,12 +246,15 @@ class GovernorClient:
         rate = self.settings.requests_per_s
         return LEASE_MAX if not rate else max(1, min(LEASE_MAX, int(rate * self.settings.lease_s / 4)))
 
-    def acquire_request(self) -> None:
-        """Block until one request may go out; raises BudgetReached when the run's budget is spent."""
+    def acquire_request(self, egress: str | None = None) -> None:
+        """Block until one request may go out through `egress`; raises BudgetReached when the run's
+        budget is spent, EgressCooling when the governor has since taken `egress` out of use."""
         with self.lock:
             while True:
                 if self.budget:
                     raise BudgetReached(self.budget)
+                if egress is not None and egress not in self.usable:
+                    raise EgressCooling(egress)
                 if self.leased > 0 and self.clock() < self.lease_until:
                     self.leased -= 1
                     return

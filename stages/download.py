@@ -26,13 +26,14 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
-from pipeline.governor import DEFERRED, BudgetReached, GovernorClient, GovernorSettings, local
+from pipeline.governor import DEFERRED, BudgetReached, EgressCooling, GovernorClient, GovernorSettings, local
 from pipeline.hosts import HostRefused, check_public_url
 from pipeline.media.probe import MediaError, check_tail_decodes, probe
 from pipeline.options import ConfigError, WorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
+COOLED = "egress_cooling"  # an attempt stopped because its egress was struck meanwhile (not recorded)
 
 
 @dataclass
@@ -192,6 +193,10 @@ class Download(Stage):
             except DownloadFailed as e:
                 if e.error_class == DEFERRED:
                     return Result.failed(key, e.message)
+                if e.error_class == COOLED:  # not the server's answer: go again on another egress
+                    attempts -= 1
+                    egresses.pop()
+                    continue
                 self.governor.report(egresses[-1], e.error_class, e.transient, e.retry_after)
                 if not e.transient or attempts > self.config.retries:
                     tried = f" after {attempts} attempts" if attempts > 1 else ""
@@ -216,6 +221,8 @@ class Download(Stage):
                 info = ydl.extract_info(url, download=True)
         except BudgetReached as e:
             raise DownloadFailed(DEFERRED, False, str(e)) from e
+        except EgressCooling as e:
+            raise DownloadFailed(COOLED, True, f"{e} was taken out of use mid-attempt") from e
         except yt_dlp.utils.DownloadError as e:
             raise _failure(attempt, _clean(str(e))) from e
         if info is None:
@@ -334,6 +341,8 @@ def _failure(attempt: Any, message: str) -> DownloadFailed:
     """What went wrong, from what the server answered (pipeline/ytdl.py Attempt) before the message."""
     if attempt.budget:
         return DownloadFailed(DEFERRED, False, attempt.budget)
+    if attempt.cooled:
+        return DownloadFailed(COOLED, True, f"{attempt.egress} was taken out of use mid-attempt")
     if attempt.blocked:
         return DownloadFailed("blocked_host", False, f"{attempt.blocked}; set download.allow_private_hosts=true "
                               "to allow")

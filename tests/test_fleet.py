@@ -179,3 +179,17 @@ def test_governor_settings_follow_the_config(tmp_path: Path, make_stage):
     assert (g.requests_per_s, g.bytes_per_s, g.max_bytes, g.max_hours) == (20.0, 2 * 1024**2, 1024**3, 2.0)
     assert g.egresses == ["http://a:1", "direct"] and g.fleet is False
     assert local(g).settings is g
+
+
+def test_outside_ray_attach_leaves_the_stage_its_own_governor(tmp_path: Path, make_stage, monkeypatch):
+    import ray
+
+    from pipeline.fleet import attach
+    from pipeline.governor import LocalGovernor
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a plain process (this session may run Ray)
+    s = make_stage(tmp_path, "download", requests_per_s=8.0, concurrency=4)
+    attach(s)
+    s.setup()
+    assert isinstance(s.governor.call.__self__, LocalGovernor)
+    assert s.governor.settings.requests_per_s == 8.0  # a plain process is the whole fleet: no split

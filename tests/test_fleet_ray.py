@@ -81,12 +81,17 @@ def test_fleet_request_rate_never_exceeds_the_cap_by_more_than_10_percent(fleet_
 
 
 def test_after_a_429_burst_the_fleet_backs_off_as_one(fleet_run):
+    """A 429 on an egress takes it out of use for every worker for its Retry-After (requests already
+    past the governor may still land, within 0.3 s); the burst costs a few 429s, not one per request."""
     hits = fleet_run["hits"]
-    first = min(h.t for h in hits if h.status == 429)
-    during = [h for h in hits if first <= h.t < first + RETRY_AFTER * 0.95]
-    assert all(h.status == 429 for h in during), [(round(h.t - first, 2), h.client, h.path, h.status) for h in during]
-    assert len(during) <= WORKERS + len(SOURCES), "each worker may learn once; then none asks until Retry-After"
-    assert any(h.t >= first + RETRY_AFTER and h.status == 200 for h in hits), "work resumes after Retry-After"
+    refused = [h for h in hits if h.status == 429]
+    assert refused and len(refused) <= WORKERS + len(SOURCES), len(refused)
+    for client in {h.client for h in refused}:
+        first = min(h.t for h in refused if h.client == client)
+        quiet = [(round(h.t - first, 2), h.status) for h in hits
+                 if h.client == client and first + 0.3 < h.t < first + RETRY_AFTER * 0.95]
+        assert not quiet, (client, quiet)
+    assert any(h.t >= refused[-1].t + RETRY_AFTER * 0.95 and h.status == 200 for h in hits), "work resumes"
 
 
 def test_the_banned_egress_stops_being_used_while_others_go_on(fleet_run):
@@ -149,3 +154,19 @@ def test_killed_workers_and_a_killed_governor_lose_nothing_and_fetch_nothing_twi
         else:
             assert gets[path] <= 2 * r["attempts"] + 2, "at most the killed attempt again"
     assert state["calls"] > 0  # the restarted governor served the rest of the run
+
+
+def test_attach_under_ray_joins_the_fleet_governor_or_splits_the_caps_when_it_is_off(
+        tmp_path: Path, ray_local, make_config):
+    cfg = make_config(tmp_path, ["unused"], download={"requests_per_s": 8.0, "concurrency": 4})
+    stage_cls = cfg.registry["download"]
+    stage = stage_cls(cfg.stage("download"), cfg.run)
+    fleet.start(stage)
+    fleet.attach(stage)
+    stage.governor.acquire_request()
+    assert fleet.state(stage)["requests_granted"] >= 1  # the grant came from the named actor
+    off = make_config(tmp_path, ["unused"], download={"requests_per_s": 8.0, "concurrency": 4, "governor": False})
+    alone = stage_cls(off.stage("download"), off.run)
+    assert fleet.start(alone) is None
+    fleet.attach(alone)
+    assert alone.governor.settings.requests_per_s == 2.0 and fleet.state(alone) is None
