@@ -134,8 +134,6 @@ class GovernorCore:
             chosen = min((self.egresses[n] for n in usable), key=lambda e: e.assigned)
             chosen.assigned += 1
             answer["egress"] = chosen.name
-        if answer["budget"]:
-            return answer
         if answer["paused"]:
             answer["wait_s"] = self.open_until - now
             return answer
@@ -247,19 +245,17 @@ class GovernorClient:
         return LEASE_MAX if not rate else max(1, min(LEASE_MAX, int(rate * self.settings.lease_s / 4)))
 
     def acquire_request(self, egress: str | None = None) -> None:
-        """Block until one request may go out through `egress`; raises BudgetReached when the run's
-        budget is spent, EgressCooling when the governor has since taken `egress` out of use."""
+        """Block until one request may go out through `egress`; raises EgressCooling when the
+        governor has since taken `egress` out of use."""
         with self.lock:
-            while True:
-                if self.budget:
-                    raise BudgetReached(self.budget)
+            while True:  # a spent budget stops new attempts (choose_egress), not those in flight
                 if egress is not None and egress not in self.usable:
                     raise EgressCooling(egress)
                 if self.leased > 0 and self.clock() < self.lease_until:
                     self.leased -= 1
                     return
                 answer = self._ask(want_requests=self._lease_size())
-                if not answer["requests"] and not answer["budget"]:
+                if not answer["requests"]:
                     self._wait(answer["wait_s"])
 
     def consume_bytes(self, n: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import yt_dlp
 from yt_dlp.networking.exceptions import HTTPError, RequestError
 
-from pipeline.governor import BudgetReached, EgressCooling, GovernorClient
+from pipeline.governor import EgressCooling, GovernorClient
 from pipeline.hosts import HostRefused, check_public_url
 
 BOT_PAGE = re.compile(rb"(?i)not a bot|confirm you.re not a robot")
@@ -37,7 +37,6 @@ class Attempt:
     retry_after: float | None = None
     bot_page: bool = False
     blocked: str | None = None  # why a URL or redirect hop was refused
-    budget: str | None = None  # the run's budget was spent before a request could go out
     cooled: bool = False  # the governor took this egress out of use mid-attempt
 
 
@@ -104,9 +103,6 @@ class GovernedYoutubeDL(yt_dlp.YoutubeDL):
     def _take_token(self) -> None:
         try:
             self.governor.acquire_request(self.attempt.egress)
-        except BudgetReached as e:
-            self.attempt.budget = str(e)
-            raise
         except EgressCooling:
             self.attempt.cooled = True
             raise

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
-from pipeline.governor import DEFERRED, BudgetReached, EgressCooling, GovernorClient, GovernorSettings, local
+from pipeline.governor import BudgetReached, EgressCooling, GovernorClient, GovernorSettings, local
 from pipeline.hosts import HostRefused, check_public_url
 from pipeline.media.probe import MediaError, check_tail_decodes, probe
 from pipeline.options import ConfigError, WorkerOptions, option
@@ -191,8 +191,6 @@ class Download(Stage):
             except BudgetReached as e:
                 return Result.failed(key, str(e))  # left pending: the spine records no row
             except DownloadFailed as e:
-                if e.error_class == DEFERRED:
-                    return Result.failed(key, e.message)
                 if e.error_class == COOLED:  # not the server's answer: go again on another egress
                     attempts -= 1
                     egresses.pop()
@@ -219,8 +217,6 @@ class Download(Stage):
             with GovernedYoutubeDL(self._ydl_options(key, egress), self.governor, attempt,
                                    self.config.allow_private_hosts) as ydl:
                 info = ydl.extract_info(url, download=True)
-        except BudgetReached as e:
-            raise DownloadFailed(DEFERRED, False, str(e)) from e
         except EgressCooling as e:
             raise DownloadFailed(COOLED, True, f"{e} was taken out of use mid-attempt") from e
         except yt_dlp.utils.DownloadError as e:
@@ -339,8 +335,6 @@ class DownloadFailed(Exception):
 
 def _failure(attempt: Any, message: str) -> DownloadFailed:
     """What went wrong, from what the server answered (pipeline/ytdl.py Attempt) before the message."""
-    if attempt.budget:
-        return DownloadFailed(DEFERRED, False, attempt.budget)
     if attempt.cooled:
         return DownloadFailed(COOLED, True, f"{attempt.egress} was taken out of use mid-attempt")
     if attempt.blocked:
