@@ -36,8 +36,11 @@ BOT_PAGE = (b"<html><body><h1>Sign in to confirm you're not a bot</h1>"
 PUBLIC_ADDRESS = "93.184.216.34"  # a global address; only ever reached through an EgressProxy here
 
 
-@dataclass(frozen=True)
+@dataclass
 class Hit:
+    """One request, logged as it arrives; `status` is set before the answer is sent (so a client
+    never sees an answer the log lacks), `bytes` as the body goes out."""
+
     t: float
     client: str
     method: str
@@ -102,9 +105,11 @@ class AdversarialServer:
             return 429, seen
         return 200, seen
 
-    def log(self, t: float, client: str, method: str, path: str, status: int, nbytes: int) -> None:
+    def log(self, t: float, client: str, method: str, path: str) -> Hit:
+        hit = Hit(t, client, method, path, 0, 0)
         with self.lock:
-            self.hits.append(Hit(t, client, method, path, status, nbytes))
+            self.hits.append(hit)
+        return hit
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -134,15 +139,15 @@ class _Handler(BaseHTTPRequestHandler):
         client = self.client_address[0]
         arrived = time.monotonic()  # hits are logged at arrival: what a rate limiter counts
         status, seen = s._admit(client, f"{self.command} {path}", arrived)
+        self.hit = s.log(arrived, client, self.command, path)
         if status != 200:
             self._refuse(status)
-            s.log(arrived, client, self.command, path, status, 0)
             return
-        self._status, self._sent = 0, 0
+        self._sent = 0
         try:
             self._route(path, body, seen)
-        finally:  # logged even when the client hung up mid-body
-            s.log(arrived, client, self.command, path, self._status, self._sent)
+        finally:  # counted even when the client hung up mid-body
+            self.hit.bytes = self._sent
 
     def _route(self, path: str, body: bool, seen: int) -> None:
         parts = path.strip("/").split("/")
@@ -151,7 +156,6 @@ class _Handler(BaseHTTPRequestHandler):
         elif parts[0] == "redirect" and len(parts) > 2:
             self._redirect(parts[1], "/".join(parts[2:]))
         elif parts[0] == "busy" and len(parts) > 2 and parts[1].isdigit() and seen <= int(parts[1]):
-            self._status = 429
             self._refuse(429)
         elif parts[0] == "busy" and len(parts) > 2:
             self._file("/".join(parts[2:]), body, None)
@@ -164,16 +168,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refuse(self, status: int) -> None:
         if status == 429:
-            self.send_response(429)
+            self._begin(429)
             self.send_header("Retry-After", f"{self.server_state.retry_after_s:g}")
             self._body(b"Too Many Requests", "text/plain")
         else:
-            self.send_response(status)
+            self._begin(status)
             self._body(BOT_PAGE, "text/html; charset=utf-8")
 
-    def _send(self, status: int, data: bytes, content_type: str) -> None:
-        self._status = status
+    def _begin(self, status: int) -> None:
+        self.hit.status = status
         self.send_response(status)
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self._begin(status)
         self._body(data, content_type)
 
     def _body(self, data: bytes, content_type: str) -> None:
@@ -190,8 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         if target is None:
             self._send(404, b"no such redirect", "text/plain")
             return
-        self._status = 302
-        self.send_response(302)
+        self._begin(302)
         self.send_header("Location", target)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -202,8 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found", "text/plain")
             return
         data = file.read_bytes()
-        self._status = 200
-        self.send_response(200)
+        self._begin(200)
         self.send_header("Content-Type", "video/mp4")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
