@@ -2,30 +2,38 @@
 
 Every candidate ends `ok` or `failed` with a `class: message` reason. Transient failures (429,
 5xx, timeouts, bot checks) are retried with exponential backoff; permanent ones (404, private,
-removed, unsupported) are not. A circuit breaker pauses a worker when most recent attempts failed
-transiently. After the download, ffprobe and a tail decode check the file.
+removed, unsupported) are not. Every HTTP request first asks the download governor
+(pipeline/governor.py; under Ray one actor for the whole fleet, pipeline/fleet.py): fleet caps on
+requests/s and bytes/s, a circuit breaker over the fleet's recent attempts, per-proxy health (a
+proxy that gets 429/403/bot pages cools down) and the run's budget. Each attempt goes out through
+one egress of `download.proxies`; redirects are re-checked hop by hop (pipeline/ytdl.py). After the
+download, ffprobe and a tail decode check the file. Once the run's budget is spent, rows not yet
+started come back `deferred` (pipeline/governor.py DEFERRED): the spine records nothing for them,
+so they stay pending for the next run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 
+from pipeline.governor import BudgetReached, EgressCooling, GovernorClient, GovernorSettings, local
 from pipeline.hosts import HostRefused, check_public_url
 from pipeline.media.probe import MediaError, check_tail_decodes, probe
 from pipeline.options import ConfigError, WorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
-RATE = re.compile(r"(?i)\d+(\.\d+)?[kmgtpezy]?")  # what yt-dlp's parse_bytes reads: 500K, 2M, 1.5G
+COOLED = "egress_cooling"  # an attempt stopped because its egress was struck meanwhile (not recorded)
 
 
 @dataclass
@@ -36,18 +44,35 @@ class DownloadConfig(WorkerOptions):
     )
     max_duration_s: float | None = option(1800.0, "fail videos longer than this (seconds)")
     sections: str | None = option(None, "download only this section, yt-dlp syntax, e.g. '*0-120'")
-    rate_limit: str | None = option(None, "global bandwidth cap shared by all workers, e.g. 2M (bytes/s)",
+    rate_limit: str | None = option(None, "fleet bandwidth cap shared by all workers, e.g. 2M (bytes/s)",
                                     output=False)
+    requests_per_s: float | None = option(None, "fleet cap on HTTP requests per second (all workers)",
+                                          output=False)
+    governor: bool = option(True, "under Ray, one governor actor for the whole fleet; false: each worker "
+                            "governs itself with an even share of the caps", output=False)
+    proxies: list[str] = option([], "egress pool: proxy URLs, each optionally followed by its cookies "
+                                "file ('http://p:3128 cookies-p.txt'), or a file of such lines; "
+                                "'direct' = no proxy", output=False)
+    egress_cooldown_s: float = option(60.0, "an egress that gets 429/403/bot pages pauses this long, "
+                                      "doubling per strike (a 429's Retry-After wins)", output=False)
+    egress_cooldown_max_s: float = option(3600.0, "longest egress cooldown", output=False)
+    max_bytes: str | None = option(None, "run budget: stop starting downloads after this many bytes, e.g. "
+                                   "500G (the rest stay pending)", output=False)
+    max_hours: float | None = option(None, "run budget: stop starting downloads after this many hours",
+                                     output=False)
+    plugin_dirs: list[str] = option([], "folders yt-dlp loads plugins from (yt_dlp_plugins/...), e.g. "
+                                    "a PO-token provider", output=False)
     retries: int = option(3, "retries of a transient failure", output=False)
     backoff_s: float = option(2.0, "first retry delay; doubles each retry, with jitter", output=False)
     backoff_max_s: float = option(60.0, "longest retry delay", output=False)
     socket_timeout_s: float = option(30.0, "network timeout per request", output=False)
-    cookies_file: str | None = option(None, "cookies.txt passed to yt-dlp", output=False)
-    proxy: str | None = option(None, "proxy URL passed to yt-dlp", output=False)
+    cookies_file: str | None = option(None, "cookies.txt passed to yt-dlp (egresses without their own)",
+                                      output=False)
+    proxy: str | None = option(None, "one proxy URL for all requests (download.proxies: a pool)", output=False)
     user_agent: str | None = option(None, "User-Agent header", output=False)
     allow_private_hosts: bool = option(False, "allow URLs on loopback/private/link-local addresses", output=False)
     min_side_px: int = option(32, "fail videos narrower or shorter than this (YouTube's smallest is 256x144)")
-    breaker_window: int = option(20, "circuit breaker: recent attempts looked at", output=False)
+    breaker_window: int = option(20, "circuit breaker: recent attempts (fleet-wide) looked at", output=False)
     breaker_threshold: float = option(0.8, "circuit breaker: transient-failure fraction that trips it",
                                       output=False)
     breaker_cooldown_s: float = option(60.0, "circuit breaker: pause when tripped", output=False)
@@ -63,7 +88,7 @@ ERROR_CLASSES = [
     (r"HTTP Error 5\d\d", "server_error", True),
     (r"not a bot|confirm you.re not a robot", "bot_check", True),
     (r"timed out|Timeout|Connection reset|Temporary failure in name resolution|"
-     r"Connection refused|Remote end closed|IncompleteRead", "network", True),
+     r"Connection refused|Remote end closed|IncompleteRead|Downloaded \d+ bytes, expected \d+", "network", True),
     (r"HTTP Error 403", "forbidden", True),
     (r"HTTP Error (404|410)", "not_found", False),
     (r"Private video", "private", False),
@@ -89,13 +114,16 @@ class Download(Stage):
     version = "1"
     Config = DownloadConfig
     requires = ("yt_dlp",)
+    # The governor client: set by the spine under Ray (pipeline/fleet.py attach), else in setup()
+    governor: GovernorClient | None = None
 
     def __init__(self, config: DownloadConfig, run: Any) -> None:
         super().__init__(config, run)
         if config.sections:
             _parse_section(config.sections)
-        if config.rate_limit and not RATE.fullmatch(config.rate_limit.strip()):
-            raise ConfigError(f"config key 'download.rate_limit': cannot parse {config.rate_limit!r} (use e.g. 2M)")
+        self.bytes_cap = _parse_bytes(config.rate_limit, "rate_limit")
+        self.max_bytes = _parse_bytes(config.max_bytes, "max_bytes")
+        self.egresses = egress_pool(config.proxies, config.proxy, config.cookies_file)
 
     media = {"video_path": "video"}
     schema = pa.schema(
@@ -112,6 +140,8 @@ class Download(Stage):
             ("audio_channels", pa.int32()),
             ("attempts", pa.int32()),
             ("reused", pa.bool_()),
+            ("egress", pa.string()),  # the egress of each attempt, in order ("direct" or a proxy)
+            ("waited_s", pa.float64()),  # seconds waited on the governor and on retry backoff
         ]
     )
 
@@ -120,10 +150,24 @@ class Download(Stage):
         c = self.config
         return Resources.of(c)
 
+    def governor_settings(self) -> GovernorSettings:
+        c = self.config
+        root = str(Path(self.run.manifest_root).resolve())
+        return GovernorSettings(
+            requests_per_s=c.requests_per_s, bytes_per_s=self.bytes_cap, breaker_window=c.breaker_window,
+            breaker_threshold=c.breaker_threshold, breaker_cooldown_s=c.breaker_cooldown_s,
+            egresses=list(self.egresses), egress_cooldown_s=c.egress_cooldown_s,
+            egress_cooldown_max_s=c.egress_cooldown_max_s, max_bytes=self.max_bytes, max_hours=c.max_hours,
+            fleet=c.governor, name="discomv-governor-" + hashlib.sha1(root.encode()).hexdigest()[:10],
+        )
+
     def setup(self) -> None:
         self.out_dir = Path(self.run.media_root) / "video"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.recent: deque[bool] = deque(maxlen=self.config.breaker_window)
+        if self.governor is None:
+            self.governor = local(self.governor_settings())
+        if self.config.plugin_dirs:
+            _load_plugins(self.config.plugin_dirs)
 
     def process(self, rows: list[Row]) -> list[Result]:
         return [self.download_one(row) for row in rows]
@@ -136,30 +180,48 @@ class Download(Stage):
         existing = self._existing(key)
         if existing:
             return self._verify(key, existing, attempts=0, reused=True)
-        attempts = 0
+        budget = self.governor.check_budget()
+        if budget:
+            return Result.failed(key, budget)
+        attempts, egresses, backoff, waited = 0, [], 0.0, self.governor.waited_s
         while True:
             attempts += 1
-            self._wait_if_breaker_open()
             try:
-                path = self._fetch(key, url)
-                self.recent.append(False)
-                return self._verify(key, path, attempts=attempts, reused=False)
+                egresses.append(self.governor.choose_egress())
+                path = self._fetch(key, url, egresses[-1])
+            except BudgetReached as e:
+                return Result.failed(key, str(e))  # left pending: the spine records no row
             except DownloadFailed as e:
-                self.recent.append(e.transient)
+                if e.error_class == COOLED:  # not the server's answer: go again on another egress
+                    attempts -= 1
+                    egresses.pop()
+                    continue
+                self.governor.report(egresses[-1], e.error_class, e.transient, e.retry_after)
                 if not e.transient or attempts > self.config.retries:
                     tried = f" after {attempts} attempts" if attempts > 1 else ""
-                    return Result.failed(key, f"{e.error_class}: {e.message}{tried}", attempts=attempts)
-                time.sleep(self._backoff(attempts))
+                    return Result.failed(key, f"{e.error_class}: {e.message}{tried}", attempts=attempts,
+                                         egress=",".join(egresses),
+                                         waited_s=backoff + self.governor.waited_s - waited)
+                backoff += self._pause(self._backoff(attempts))
+                continue
+            self.governor.report(egresses[-1], "", False)
+            return self._verify(key, path, attempts=attempts, reused=False, egress=",".join(egresses),
+                                waited_s=backoff + self.governor.waited_s - waited)
 
-    def _fetch(self, key: str, url: str) -> Path:
+    def _fetch(self, key: str, url: str, egress: str) -> Path:
         import yt_dlp
 
+        from pipeline.ytdl import Attempt, GovernedYoutubeDL
+
+        attempt = Attempt(egress)
         try:
-            with yt_dlp.YoutubeDL(self._ydl_options(key)) as ydl:
+            with GovernedYoutubeDL(self._ydl_options(key, egress), self.governor, attempt,
+                                   self.config.allow_private_hosts) as ydl:
                 info = ydl.extract_info(url, download=True)
+        except EgressCooling as e:
+            raise DownloadFailed(COOLED, True, f"{e} was taken out of use mid-attempt") from e
         except yt_dlp.utils.DownloadError as e:
-            message = _clean(str(e))
-            raise DownloadFailed(*classify(message), message) from e
+            raise _failure(attempt, _clean(str(e))) from e
         if info is None:
             raise DownloadFailed("download_error", False, "yt-dlp returned no information")
         if info.get("_type") == "playlist":
@@ -172,10 +234,13 @@ class Download(Stage):
             raise DownloadFailed("download_error", False, "yt-dlp finished but no file was written")
         return path
 
-    def _ydl_options(self, key: str) -> dict[str, Any]:
+    def _ydl_options(self, key: str, egress: str | None = None) -> dict[str, Any]:
         import yt_dlp
 
+        from pipeline.ytdl import progress_counter
+
         c = self.config
+        proxy, cookies = self.egresses[egress or next(iter(self.egresses))]
         opts: dict[str, Any] = {
             "format": c.format,
             "outtmpl": {"default": str(self.out_dir / f"{key}.%(ext)s")},
@@ -192,22 +257,18 @@ class Download(Stage):
             "overwrites": False,
             "continuedl": True,
             "restrictfilenames": True,
+            "progress_hooks": [progress_counter(self.governor)],
         }
         if c.max_duration_s:
             opts["match_filter"] = yt_dlp.utils.match_filter_func(f"duration <=? {c.max_duration_s}")
-        if c.rate_limit:
-            total = yt_dlp.utils.parse_bytes(c.rate_limit)
-            if not total:
-                raise ConfigError(f"config key 'download.rate_limit': cannot parse {c.rate_limit!r} (use e.g. 2M)")
-            opts["ratelimit"] = max(1, int(total / max(1, c.concurrency)))
         if c.sections:
             opts["download_ranges"] = yt_dlp.utils.download_range_func(
                 None, [_parse_section(c.sections)]
             )
-        if c.cookies_file:
-            opts["cookiefile"] = c.cookies_file
-        if c.proxy:
-            opts["proxy"] = c.proxy
+        if cookies:
+            opts["cookiefile"] = cookies
+        if proxy:
+            opts["proxy"] = proxy
         if c.user_agent:
             opts["http_headers"] = {"User-Agent": c.user_agent}
         return opts
@@ -219,7 +280,7 @@ class Download(Stage):
                 return path
         return None
 
-    def _verify(self, key: str, path: Path, attempts: int, reused: bool) -> Result:
+    def _verify(self, key: str, path: Path, attempts: int, reused: bool, **trail: Any) -> Result:
         try:
             info = probe(path)
             if not info.has_video:
@@ -238,7 +299,7 @@ class Download(Stage):
             check_tail_decodes(path, info=info)
         except MediaError as e:
             path.unlink(missing_ok=True)  # never leave an unusable file under a final name
-            return Result.failed(key, str(e), attempts=attempts)
+            return Result.failed(key, str(e), attempts=attempts, **trail)
         return Result.ok(
             key,
             video_path=str(path),
@@ -253,28 +314,93 @@ class Download(Stage):
             audio_channels=info.audio_channels,
             attempts=attempts,
             reused=reused,
+            **trail,
         )
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** (attempt - 1))
         return delay * random.uniform(0.5, 1.0)
 
-    def _wait_if_breaker_open(self) -> None:
-        window = self.recent
-        if len(window) == window.maxlen and sum(window) / len(window) >= self.config.breaker_threshold:
-            log.warning(
-                "download: %d of the last %d attempts failed transiently; pausing %.0fs "
-                "(rate-limited? lower download.concurrency or set download.rate_limit)",
-                sum(window), len(window), self.config.breaker_cooldown_s,
-            )
-            time.sleep(self.config.breaker_cooldown_s)
-            window.clear()
+    @staticmethod
+    def _pause(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
 
 
 class DownloadFailed(Exception):
-    def __init__(self, error_class: str, transient: bool, message: str) -> None:
+    def __init__(self, error_class: str, transient: bool, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.error_class, self.transient, self.message = error_class, transient, message
+        self.retry_after = retry_after
+
+
+def _failure(attempt: Any, message: str) -> DownloadFailed:
+    """What went wrong, from what the server answered (pipeline/ytdl.py Attempt) before the message."""
+    if attempt.cooled:
+        return DownloadFailed(COOLED, True, f"{attempt.egress} was taken out of use mid-attempt")
+    if attempt.blocked:
+        return DownloadFailed("blocked_host", False, f"{attempt.blocked}; set download.allow_private_hosts=true "
+                              "to allow")
+    if attempt.bot_page:
+        return DownloadFailed("bot_check", True, f"HTTP {attempt.status} with a bot-check page ({message})")
+    error_class, transient = classify(message)
+    return DownloadFailed(error_class, transient, message, attempt.retry_after)
+
+
+def egress_pool(proxies: list[str], proxy: str | None, cookies: str | None) -> dict[str, tuple[str | None, str | None]]:
+    """name → (proxy URL or None, cookies file or None), from `download.proxies` entries ('URL [COOKIES]',
+    'direct', or a file of such lines); one egress (`download.proxy`, else direct) when empty. Names
+    carry no credentials: they are recorded on rows."""
+    lines: list[str] = []
+    for entry in proxies:
+        first = entry.split()[0] if entry.split() else ""
+        if "://" in first or first == "direct":
+            lines.append(entry)
+            continue
+        try:
+            text = Path(entry).expanduser().read_text()
+        except OSError as e:
+            raise ConfigError(f"config key 'download.proxies': {entry!r} is neither a proxy URL nor a "
+                              f"readable file ({e})") from e
+        lines += [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    pool: dict[str, tuple[str | None, str | None]] = {}
+    for line in lines or [proxy or "direct"]:
+        parts = line.split()
+        if len(parts) > 2:
+            raise ConfigError(f"config key 'download.proxies': expected 'URL [COOKIES_FILE]', got {line!r}")
+        url = None if parts[0] == "direct" else parts[0]
+        pool[_egress_name(url)] = (url, parts[1] if len(parts) > 1 else cookies)
+    return pool
+
+
+def _egress_name(url: str | None) -> str:
+    if url is None:
+        return "direct"
+    parsed = urlparse(url)
+    return f"{parsed.scheme}://{parsed.hostname}:{parsed.port}" if parsed.port else f"{parsed.scheme}://{parsed.hostname}"
+
+
+def _parse_bytes(text: str | None, key: str) -> int | None:
+    """'2M' → 2 MiB, as yt-dlp reads sizes; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"(?i)(\d+(?:\.\d+)?)([kmgtpezy]?)", text.strip())
+    if not match:
+        raise ConfigError(f"config key 'download.{key}': cannot parse {text!r} (use e.g. 2M)")
+    return int(float(match.group(1)) * 1024 ** " kmgtpezy".index(match.group(2).lower() or " "))
+
+
+def _load_plugins(dirs: list[str]) -> None:
+    """yt-dlp's plugins from these folders, as `yt-dlp --plugin-dirs` does (each folder holds plugin
+    packages, each with a yt_dlp_plugins/ inside)."""
+    from yt_dlp.globals import plugin_dirs
+    from yt_dlp.plugins import load_all_plugins
+
+    for d in dirs:
+        if not Path(d).expanduser().is_dir():
+            raise ConfigError(f"config key 'download.plugin_dirs': {d} is not a folder")
+    plugin_dirs.value = [str(Path(d).expanduser()) for d in dirs]
+    load_all_plugins()
 
 
 def check_url(url: str, allow_private_hosts: bool) -> str | None:

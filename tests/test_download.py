@@ -26,7 +26,8 @@ CASES = {
 def downloaded(tmp_path_factory, server, ray_local, make_config, write_lines):
     tmp_path = tmp_path_factory.mktemp("download")
     urls = write_lines(tmp_path / "urls.txt", [f"{server.url}/{path}" for path in CASES])
-    cfg = make_config(tmp_path, [urls], download={"retries": 2})
+    # a 429 without Retry-After cools the one egress ("direct") down: briefly here
+    cfg = make_config(tmp_path, [urls], download={"retries": 2, "egress_cooldown_s": 0.1})
     run_stage("ingest", cfg, progress=False)
     summary = run_stage("download", cfg, progress=False)
     store = ManifestStore(cfg.run.manifest_root)
@@ -113,20 +114,30 @@ def test_options_are_passed_through_to_yt_dlp(download_stage):
     stage = download_stage(rate_limit="2M", concurrency=4, cookies_file="c.txt", proxy="http://p:3128",
                        user_agent="discomv-test", sections="*10-70")
     opts = stage._ydl_options("yt_dQw4w9WgXcQ")
-    assert opts["ratelimit"] == 2 * 1024 * 1024 // 4
+    assert "ratelimit" not in opts  # the governor caps bytes/s for the fleet (tests/test_governor.py)
+    assert stage.governor.settings.bytes_per_s == 2 * 1024 * 1024
     assert opts["cookiefile"] == "c.txt" and opts["proxy"] == "http://p:3128"
     assert opts["http_headers"] == {"User-Agent": "discomv-test"}
     assert opts["outtmpl"]["default"].endswith("video/yt_dQw4w9WgXcQ.%(ext)s")
     assert callable(opts["download_ranges"]) and callable(opts["match_filter"])
 
 
-def test_circuit_breaker_pauses_when_most_recent_attempts_fail(monkeypatch, download_stage):
+def test_circuit_breaker_pauses_when_most_recent_attempts_fail(download_stage):
+    from pipeline.governor import local
+
     stage = download_stage(breaker_window=4, breaker_threshold=0.75, breaker_cooldown_s=7)
-    slept = []
-    monkeypatch.setattr("stages.download.time.sleep", slept.append)
-    stage.recent.extend([True, True, False, False])
-    stage._wait_if_breaker_open()
+    slept, now = [], [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    stage.governor = local(stage.governor_settings(), sleep=sleep, clock=lambda: now[0])
+    for transient in (True, True, False, False):
+        stage.governor.report("direct", "network" if transient else "", transient)
+    stage.governor.acquire_request()
     assert slept == []
-    stage.recent.extend([True, True, True])  # the last 4 are now F T T T: 75% transient failures
-    stage._wait_if_breaker_open()
-    assert slept == [7] and len(stage.recent) == 0
+    for _ in range(3):  # the last 4 are now F T T T: 75% transient failures
+        stage.governor.report("direct", "network", True)
+    stage.governor.acquire_request()
+    assert slept == [7]
