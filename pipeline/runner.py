@@ -21,6 +21,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+from pipeline import fleet
 from pipeline.config import Config
 from pipeline.manifest import ManifestStore, full_schema, params_hash
 from pipeline.placement import actors_that_fit, check_gpus_exist, check_prepare_fits, cpus_each, task_slots
@@ -121,6 +122,7 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     # Flush only between batches: a fan-out stage's rows for one input are then never split
     # across parts, so an input is either wholly recorded or wholly redone.
     for batch in (b for window in plan.windows() for b in _execute(stage_cls, cfg, name, window, summary)):
+        batch = fleet.recorded(batch)  # rows left pending (the run's download budget spent) are not recorded
         inputs = {r.get("video_key", r["key"]) if stage.fans_out else r["key"] for r in batch}
         for result in batch:
             result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)
@@ -188,6 +190,7 @@ def _execute(stage_cls: type[Stage], cfg: Config, name: str, pending: list[Row],
 
     ensure_ray(cfg.run.num_cpus)
     stage = stage_cls(cfg.stage(name), cfg.run)
+    fleet.start(stage)  # the download governor actor, before the workers (no-op for other stages)
     res = stage.resources
     items = [{"row": json.dumps(r, default=str)} for r in pending]
     blocks = max(1, min(len(items), -(-len(items) // res.batch_size)))

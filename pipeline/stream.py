@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import fleet
 from pipeline.config import Config
 from pipeline.janitor import MediaJanitor
 from pipeline.manifest import ManifestStore, full_schema
@@ -69,6 +70,8 @@ def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[Run
     log.info("stream: %s", ", ".join(f"{n} {e}" for n, e in zip(names, plan.entering, strict=True) if e)
              + " rows enter")
     ensure_ray(cfg.run.num_cpus)
+    for stage in stages:
+        fleet.start(stage)  # the download governor actor, before the workers (no-op for other stages)
     run_id = uuid.uuid4().hex[:12]
     entries = Path(tempfile.mkdtemp(prefix=f"discomv-stream-{run_id}-"))
     recorder = _start_recorder(cfg, stages)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline import fleet
 from pipeline.config import load_section
 from pipeline.stage import STATUSES, Result, Row, Stage
 
@@ -21,7 +22,9 @@ log = logging.getLogger("discomv")
 
 def build_stage(stage_cls: type[Stage], name: str, config_json: str) -> Stage:
     run, options = load_section(name, stage_cls.Config, json.loads(config_json))
-    return stage_cls(options, run)
+    stage = stage_cls(options, run)
+    fleet.attach(stage)  # the download governor's client (no-op for other stages, and outside Ray)
+    return stage
 
 
 class StageWorker:
@@ -212,7 +215,8 @@ class StreamWorker:
         mine = [row for row in rows if is_mine(row, self.index)]
         out = [row for row in rows if not is_mine(row, self.index)]
         if mine:
-            results = self.worker.process_safely([_stage_view(row) for row in mine])
+            # rows left pending (the run's download budget spent) get no result: they leave the stream
+            results = fleet.recorded(self.worker.process_safely([_stage_view(row) for row in mine]))
             for result in results:
                 result.update(self.stamp)
             ray.get(self.recorder.add.remote(self.worker.stage.name, json.dumps(results, default=str)))
