@@ -37,7 +37,7 @@ from pipeline.placement import check_gpus_exist, check_prepare_fits, fit_stream
 from pipeline.plan import StreamPlan, plan_stream
 from pipeline.recorder import ManifestRecorder
 from pipeline.runner import RunSummary, ensure_ray, run_stage, stage_params_hash
-from pipeline.stage import SourceStage, Stage
+from pipeline.stage import AUTO, SourceStage, Stage
 from pipeline.worker import StreamWorker, pack_row, stream_in_task, stream_prepare_in_task, unpack_rows
 
 log = logging.getLogger("discomv")
@@ -159,7 +159,14 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
                                   num_cpus=0.01, label_selector=_on_driver_node())
     config_json = json.dumps(cfg.as_dict())
     workers = []
+    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
     for k, (stage, res, pool) in enumerate(zip(stages, resources, pools, strict=True)):
+        # threads: what the stage asked for, or every core of a node for an auto-sized pool (the
+        # stage-after-stage runner gives such a stage every core too; busy stages share them)
+        asked = stage.resources
+        threads = int(largest_node) if asked.concurrency == AUTO and not asked.num_gpus else max(1, int(asked.num_cpus))
+        if asked.concurrency == AUTO and not asked.num_gpus:  # as many such actors as the cores hold, no more
+            pool = (1, max(1, int(ray.cluster_resources().get("CPU", 1.0) // (threads * max(asked.num_cpus, 0.01)))))
         check_gpus_exist(stage.name, res)
         stamp = {"stage_version": stage.version, "params_hash": phashes[k], "run_id": run_id}
         stage_cls, name = type(stage), stage.name
@@ -170,11 +177,12 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
         common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
                       memory=res.memory_bytes or None)
         if pool is None:
-            ds = ds.map_batches(stream_in_task, fn_args=(stage_cls, name, config_json, k, stamp, recorder), **common)
+            ds = ds.map_batches(stream_in_task, fn_args=(stage_cls, name, config_json, k, stamp, recorder, threads),
+                                **common)
             workers.append(1)
         else:
             named = type(f"{stage_cls.__name__}Worker", (StreamWorker,), {})  # Ray's op and process names
-            ds = ds.map_batches(named, fn_constructor_args=(stage_cls, name, config_json, k, stamp, recorder),
+            ds = ds.map_batches(named, fn_constructor_args=(stage_cls, name, config_json, k, stamp, recorder, threads),
                                 compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **common)
             workers.append(pool[1])
     return ds, workers

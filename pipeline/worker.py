@@ -201,7 +201,8 @@ class StreamWorker:
     passes every row on; a row not ok passes through the rest of the stream untouched."""
 
     def __init__(self, stage_cls: type[Stage], name: str, config_json: str, index: int, stamp: dict[str, str],
-                 recorder: Any) -> None:
+                 recorder: Any, threads: int = 1) -> None:
+        use_threads(threads)
         self.worker = WireStageWorker(stage_cls, name, config_json)
         self.index, self.stamp, self.recorder = index, stamp, recorder
         self.schema = stage_cls.schema
@@ -258,6 +259,18 @@ class StreamWorker:
         return merged
 
 
+def use_threads(threads: int) -> None:
+    """Math-library threads for this worker process. Ray sets OMP_NUM_THREADS to a worker's whole
+    CPUs (1 for the fractional CPUs a streaming run hands out); a model stage alone at the end of a
+    stream would then leave cores idle. Set before the stage imports torch (stages import it lazily)."""
+    import os
+    import sys
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def _stage_view(row: Row) -> Row:
     view = {k: v for k, v in row.items() if k not in STREAM_FIELDS}
     for column in row.get("_arrays", ()):
@@ -276,11 +289,11 @@ _STREAMERS: dict[tuple[int, str, str, int], StreamWorker] = {}
 
 
 def stream_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str, index: int,
-                   stamp: dict[str, str], recorder: Any) -> dict[str, Any]:
+                   stamp: dict[str, str], recorder: Any, threads: int = 1) -> dict[str, Any]:
     """A task stage of the stream: the StreamWorker built once per worker process."""
     key = (id(stage_cls), name, config_json, index)
     if key not in _STREAMERS:
-        _STREAMERS[key] = StreamWorker(stage_cls, name, config_json, index, stamp, recorder)
+        _STREAMERS[key] = StreamWorker(stage_cls, name, config_json, index, stamp, recorder, threads)
     return _STREAMERS[key](batch)
 
 
