@@ -34,7 +34,7 @@ lint:
 $(STAGES):
 	discomv $@ $(ARGS)
 
-run:  ## every stage in order
+run:  ## every stage as one streaming Ray Data pipeline (SET="run.executor=stages": stage after stage)
 	discomv run $(ARGS)
 
 cost:  ## extrapolate this run's per-stage CPU/GPU-seconds to DISCO-MV scale (docs/cost.md)
