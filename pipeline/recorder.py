@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import Counter
 from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.manifest import ManifestStore
+from pipeline.runner import RunSummary
 
 log = logging.getLogger("discomv")
 FLUSH_SECONDS = 3.0
@@ -34,7 +34,7 @@ class ManifestRecorder:
         self.order = [name for name, _ in schemas]
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.buffers: dict[str, list[dict[str, Any]]] = {name: [] for name in self.order}
-        self.stats = {name: StageStats() for name in self.order}
+        self.stats = {name: RunSummary(stage=name) for name in self.order}
         self.taking = threading.Lock()  # held while buffers are swapped
         self.writing = threading.Lock()  # one flush at a time
         self.error: str | None = None
@@ -50,7 +50,7 @@ class ManifestRecorder:
             result["finished_at"] = datetime.fromisoformat(result["finished_at"])
         with self.taking:
             self.buffers[stage].extend(results)
-            self.stats[stage].add(results)
+            self.stats[stage].count(results)
             full = len(self.buffers[stage]) >= self.flush_rows
         if full:
             self.wake.set()  # the thread writes it: the worker is not kept waiting on the disk
@@ -82,26 +82,11 @@ class ManifestRecorder:
                 log.exception("manifest recorder: flush failed")
 
     def summary(self) -> dict[str, dict[str, Any]]:
+        """Per stage, what was taken so far: statuses, reason classes, busy seconds."""
         with self.taking:
-            return {name: stats.as_dict() for name, stats in self.stats.items()}
+            return {name: {"statuses": dict(c.statuses), "reasons": dict(c.reasons), "busy_s": c.busy_s}
+                    for name, c in self.stats.items()}
 
     def close(self) -> int:
         self.stopped.set()
         return self.flush()
-
-
-class StageStats:
-    def __init__(self) -> None:
-        self.statuses: Counter = Counter()
-        self.reasons: Counter = Counter()
-        self.busy_s = 0.0
-
-    def add(self, results: list[dict[str, Any]]) -> None:
-        for result in results:
-            self.statuses[result["status"]] += 1
-            self.busy_s += result.get("elapsed_s") or 0.0
-            if result["status"] != "ok":
-                self.reasons[f"{result['status']}: {(result.get('reason') or '').split(':', 1)[0]}"] += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"statuses": dict(self.statuses), "reasons": dict(self.reasons), "busy_s": self.busy_s}

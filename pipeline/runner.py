@@ -46,6 +46,14 @@ class RunSummary:
     workers: int = 0  # workers that could run at once: actors, or task slots the cluster holds
     streamed: bool = False  # ran in a streaming run, at the same time as the run's other stages
 
+    def count(self, results: list[dict[str, Any]]) -> None:
+        """Add recorded results to the counts: statuses, reason classes, busy seconds."""
+        for result in results:
+            self.busy_s += result.get("elapsed_s") or 0.0
+            self.statuses[result["status"]] += 1
+            if result["status"] != "ok":
+                self.reasons[f"{result['status']}: {reason_class(result['reason'])}"] += 1
+
     @property
     def rows_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds else 0.0
@@ -126,10 +134,7 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
         inputs = {r.get("video_key", r["key"]) if stage.fans_out else r["key"] for r in batch}
         for result in batch:
             result.update(stage_version=stage.version, params_hash=phash, run_id=run_id)
-            summary.busy_s += result.get("elapsed_s") or 0.0
-            summary.statuses[result["status"]] += 1
-            if result["status"] != "ok":
-                summary.reasons[f"{result['status']}: {reason_class(result['reason'])}"] += 1
+        summary.count(batch)
         buffer.extend(batch)
         bar.update(len(inputs))
         if len(buffer) >= cfg.run.flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:

@@ -38,7 +38,14 @@ from pipeline.plan import StreamPlan, plan_stream
 from pipeline.recorder import ManifestRecorder
 from pipeline.runner import RunSummary, ensure_ray, run_stage, stage_params_hash
 from pipeline.stage import AUTO, SourceStage, Stage
-from pipeline.worker import StreamWorker, pack_row, stream_in_task, stream_prepare_in_task, unpack_rows
+from pipeline.worker import (
+    StreamWorker,
+    as_batch,
+    pack_row,
+    stream_in_task,
+    stream_prepare_in_task,
+    unpack_rows,
+)
 
 log = logging.getLogger("discomv")
 REPORT_SECONDS = 30.0  # a progress line this often when no progress bars are shown
@@ -125,7 +132,7 @@ def _start_recorder(cfg: Config, stages: list[Stage]) -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     schemas = [(s.name, full_schema(s.schema).serialize().to_pybytes()) for s in stages]
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    here = NodeAffinitySchedulingStrategy(_driver_node(), soft=False)
     actor = ray.remote(ManifestRecorder).options(num_cpus=0, scheduling_strategy=here, max_restarts=0)
     return actor.remote(str(cfg.run.manifest_root), schemas, cfg.run.flush_rows)
 
@@ -136,8 +143,9 @@ def _write_entries(plan: StreamPlan, folder: Path) -> list[tuple[str, int]]:
     for i, (k, rows) in enumerate(plan.windows()):
         packed = [pack_row({**row, "_enter": k, "_status": "ok"}) for row in rows]
         path = folder / f"entries-{i:06d}.parquet"
-        pq.write_table(pa.table({"row": pa.array([r for r, _ in packed], pa.string()),
-                                 "arrays": pa.array([a for _, a in packed], pa.binary())}), path)
+        batch = as_batch(packed)
+        pq.write_table(pa.table({"row": pa.array(batch["row"], pa.string()),
+                                 "arrays": pa.array(batch["arrays"], pa.binary())}), path)
         files.append((str(path), len(rows)))
     return files
 
@@ -190,9 +198,13 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
 
 def _on_driver_node() -> dict[str, str]:
     """The entry files are in a temp folder on the driver's node: their read tasks run there."""
+    return {"ray.io/node-id": _driver_node()}
+
+
+def _driver_node() -> str:
     import ray
 
-    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return ray.get_runtime_context().get_node_id()
 
 
 def _entries_source(files: list[tuple[str, int]]) -> Any:

@@ -113,7 +113,7 @@ def prepare_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, co
     if key not in _PREPARERS:
         _PREPARERS[key] = build_stage(stage_cls, name, config_json)
     packed = prepare_safely(_PREPARERS[key], [json.loads(r) for r in batch["row"]])
-    return {"row": [row for row, _ in packed], "arrays": [arrays for _, arrays in packed]}
+    return as_batch(packed)
 
 
 def prepare_safely(stage: Stage, rows: list[Row]) -> list[tuple[str, bytes]]:
@@ -149,6 +149,11 @@ def pack_row(row: Row) -> tuple[str, bytes]:
     return json.dumps({k: v for k, v in row.items() if k not in arrays}, default=str), blob
 
 
+def as_batch(packed: list[tuple[str, bytes]]) -> dict[str, list[Any]]:
+    """Packed rows (pack_row) as the two columns a batch crosses Ray in."""
+    return {"row": [row for row, _ in packed], "arrays": [arrays for _, arrays in packed]}
+
+
 def unpack_rows(batch: dict[str, Any]) -> list[Row]:
     import numpy as np
 
@@ -177,7 +182,6 @@ def _node_id() -> str:
         return "local"
 
 
-
 # ---------------------------------------------------------------- streaming run (pipeline/stream.py)
 
 # Fields a row carries through a streaming run beside its columns: the stage index it entered at,
@@ -185,8 +189,6 @@ def _node_id() -> str:
 # prepare task added (dropped again once the stage has used them), and the number lists that travel
 # as arrays (a stage gets them back as lists, as from a manifest).
 STREAM_FIELDS = ("_enter", "_status", "_stage", "_siblings", "_prepared", "_arrays")
-RECORD_ONLY = {"status", "reason", "stage_version", "params_hash", "weights", "run_id", "finished_at",
-               "elapsed_s", "node"}
 
 
 def is_mine(row: Row, index: int) -> bool:
@@ -222,14 +224,12 @@ class StreamWorker:
                 result.update(self.stamp)
             ray.get(self.recorder.add.remote(self.worker.stage.name, json.dumps(results, default=str)))
             out += self.merge(mine, results)
-        packed = [pack_row(row) for row in out]
-        return {"row": [r for r, _ in packed], "arrays": [a for _, a in packed]}
+        return as_batch([pack_row(row) for row in out])
 
     def merge(self, rows: list[Row], results: list[dict[str, Any]]) -> list[Row]:
-        import numpy as np
-
         """Each input row with its result's columns (fan-out: one row per result, keyed by it);
         number lists become arrays, so they travel as binary, not JSON."""
+        import numpy as np
         import pyarrow as pa
 
         name = self.worker.stage.name
@@ -310,8 +310,7 @@ def stream_prepare_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: 
         added = [k for k in done if k not in row]
         row.update(done)
         row["_prepared"] = added
-    packed = [pack_row(row) for row in rows]
-    return {"row": [r for r, _ in packed], "arrays": [a for _, a in packed]}
+    return as_batch([pack_row(row) for row in rows])
 
 
 def unpack_one(packed: tuple[str, bytes]) -> Row:
