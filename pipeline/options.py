@@ -98,8 +98,11 @@ class RunConfig:
     keep_media: list[str] = option(
         [], "media `discomv run` keeps after the last stage that needs them has recorded its row: video "
         "(downloads), stems (instrumentals). Default: removed (a dropped video's download after filter; a "
-        "sharded video's download and stems once every clip of it is in a shard); failed rows keep theirs",
+        "kept video's download and stems once every clip of it has its artifacts); failed rows keep theirs",
         choices=("video", "stems"))
+    media_window: int = option(
+        0, "most videos `discomv run` has past download and not yet through the last stage reading their media "
+        "(bounds the media on disk); 0 or less than the run's batches need: the least that keeps them full")
 
 
 def field_meta(cls: type, name: str) -> dict[str, Any]:

@@ -7,6 +7,10 @@ batch of results and waits only until they are taken (in memory); they are appen
 every `flush_rows` rows per stage or FLUSH_SECONDS, by a thread, in pipeline order: a row recorded
 at a stage is therefore never on disk before its row at an upstream stage. A kill loses what was
 taken but not yet appended (seconds of work), which a re-run redoes.
+
+It also hosts the run's MediaJanitor (pipeline/janitor.py): the last stage reading media shows it the
+rows it passes on (`see`), the stage making media asks it for places in the window (`admit`), and the
+flush thread removes the media no later stage needs right after the rows that free them are written.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.janitor import MediaJanitor
 from pipeline.manifest import ManifestStore
 from pipeline.runner import RunSummary
 
@@ -28,7 +33,8 @@ FLUSH_SECONDS = 3.0
 
 class ManifestRecorder:
     def __init__(self, root: str, schemas: list[tuple[str, bytes]], flush_rows: int,
-                 flush_seconds: float = FLUSH_SECONDS) -> None:
+                 flush_seconds: float = FLUSH_SECONDS, janitor: dict[str, Any] | None = None) -> None:
+        """janitor: MediaJanitor's arguments (media, keep, final_stage, window), or None."""
         self.store = ManifestStore(root)
         self.schemas = {name: pa.ipc.read_schema(pa.py_buffer(blob)) for name, blob in schemas}
         self.order = [name for name, _ in schemas]
@@ -39,6 +45,10 @@ class ManifestRecorder:
         self.writing = threading.Lock()  # one flush at a time
         self.error: str | None = None
         self.stopped, self.wake = threading.Event(), threading.Event()
+        self.janitor = MediaJanitor(store=self.store, recorded=self.flush, **(janitor or {"media": {}, "keep": [],
+                                                                                   "final_stage": None}))
+        self.tidying = threading.Lock()  # the janitor's state: actor calls and the flush thread
+        self.waiting = False  # the window turned a video away since the last sweep
         threading.Thread(target=self._flush_every, daemon=True).start()
 
     def add(self, stage: str, results_json: str) -> int:
@@ -72,14 +82,47 @@ class ManifestRecorder:
                     written += len(taken[name])
             return written
 
+    def see(self, rows_json: str) -> None:
+        """Rows through the last stage reading media (janitor.SEEN_FIELDS and the media columns)."""
+        with self.tidying:
+            for row in json.loads(rows_json):
+                self.janitor.see(row)
+            if self.waiting and self.janitor.queued:
+                self.wake.set()  # a download waits for the place these rows free
+
+    def admit(self, keys: list[str]) -> list[str]:
+        """Of these videos, the ones that may be downloaded now (the media window)."""
+        with self.tidying:
+            granted = self.janitor.admit(keys)
+            self.waiting = len(granted) < len(keys)
+            return granted
+
+    def release(self, keys: list[str]) -> None:
+        """Videos admitted that left the stream without a result (a download budget spent)."""
+        with self.tidying:
+            for key in keys:
+                self.janitor.release(key)
+
+    def media(self) -> dict[str, Any]:
+        """What the janitor did: bytes removed, most videos in flight at once, window stalls."""
+        with self.tidying:
+            j = self.janitor
+            return {"removed_bytes": j.removed_bytes, "peak_held": j.peak_held, "window": j.window,
+                    "stalls": j.stalls}
+
     def _flush_every(self) -> None:
         while not self.stopped.is_set():
             self.wake.wait(self.flush_seconds)
             self.wake.clear()
             try:
                 self.flush()
+                self._sweep()
             except Exception:
                 log.exception("manifest recorder: flush failed")
+
+    def _sweep(self) -> None:
+        with self.tidying:
+            self.janitor.sweep()
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per stage, what was taken so far: statuses, reason classes, busy seconds."""
@@ -88,5 +131,8 @@ class ManifestRecorder:
                     for name, c in self.stats.items()}
 
     def close(self) -> int:
+        """Stop the thread, write everything taken, then remove the media it frees."""
         self.stopped.set()
-        return self.flush()
+        written = self.flush()
+        self._sweep()
+        return written

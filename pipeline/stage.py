@@ -89,6 +89,9 @@ class Stage:
     # Files the stage makes that only later stages read (column → kind for run.keep_media): a
     # streaming run removes them once nothing needs them (pipeline/janitor.py).
     media: ClassVar[dict[str, str]] = {}
+    # The media kinds (values of some stage's `media`) this stage reads: a streaming run frees a
+    # video's media once the last stage reading them has recorded its clips.
+    reads: ClassVar[frozenset[str]] = frozenset()
     Config: ClassVar[type]
 
     def __init__(self, config: Any, run: Any) -> None:
@@ -112,6 +115,10 @@ class Stage:
         (each declares `output=`); a stage adds only what is not one of its options (run.weights, a
         file's digest)."""
         return output_params(self.config, self.run) if dataclasses.is_dataclass(self.config) else {}
+
+    def reads_media(self) -> frozenset[str]:
+        """The media kinds this stage reads with its options (`reads` unless an option changes it)."""
+        return self.reads
 
     def preflight(self) -> None:
         """Cheap checks on the driver before any worker starts (weights present, options sane), so

@@ -7,8 +7,9 @@ under Ray Data's backpressure.
   Data in small blocks (read tasks pinned to the driver's node), so the driver never holds the corpus.
 - Each stage (pipeline/worker.py StreamWorker) works on its own rows, passes the others on, and hands
   its results to one recorder actor (pipeline/recorder.py) that appends each stage's manifest.
-- Rows leave the stream at the driver, which only counts them and removes media no later stage
-  needs (pipeline/janitor.py).
+- The recorder also removes media no later stage needs, as soon as the last stage reading them has
+  passed the video's rows on, and holds the media window that keeps downloads from running ahead
+  (pipeline/janitor.py); rows leave the stream at the driver, which only drains them.
 A source stage (ingest) runs first, as a single stage does: its rows come from input files.
 """
 
@@ -31,7 +32,6 @@ import pyarrow.parquet as pq
 
 from pipeline import fleet
 from pipeline.config import Config
-from pipeline.janitor import MediaJanitor
 from pipeline.manifest import ManifestStore, full_schema
 from pipeline.placement import check_gpus_exist, check_prepare_fits, fit_stream
 from pipeline.plan import StreamPlan, plan_stream
@@ -39,12 +39,12 @@ from pipeline.recorder import ManifestRecorder
 from pipeline.runner import RunSummary, ensure_ray, run_stage, stage_params_hash
 from pipeline.stage import AUTO, SourceStage, Stage
 from pipeline.worker import (
+    MediaRole,
     StreamWorker,
     as_batch,
     pack_row,
     stream_in_task,
     stream_prepare_in_task,
-    unpack_rows,
 )
 
 log = logging.getLogger("discomv")
@@ -81,21 +81,16 @@ def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[Run
         fleet.start(stage)  # the download governor actor, before the workers (no-op for other stages)
     run_id = uuid.uuid4().hex[:12]
     entries = Path(tempfile.mkdtemp(prefix=f"discomv-stream-{run_id}-"))
-    recorder = _start_recorder(cfg, stages)
-    janitor = MediaJanitor({c: k for s in cfg.registry.values() for c, k in s.media.items()}, cfg.run.keep_media,
-                           "shards" if names[-1] == list(cfg.registry)[-1] else None, store,
-                           lambda: _ray_get(recorder.flush.remote()))
+    roles, janitor = media_plan(cfg, stages)
+    recorder = _start_recorder(cfg, stages, janitor)
     started = time.perf_counter()
     try:
         files = _write_entries(plan, entries)
-        ds, workers = _pipeline(cfg, stages, phashes, run_id, recorder, files, plan)
+        ds, workers = _pipeline(cfg, stages, phashes, run_id, recorder, files, plan, roles)
         with _Progress(names, plan, recorder, progress):
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for row in unpack_rows(batch):
-                    janitor.see(row)
-                janitor.sweep()
+            for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                pass  # rows leave here: every result is already with the recorder
         _ray_get(recorder.close.remote())
-        janitor.sweep(force=True)
     except BaseException:  # a stage bug, a full disk, Ctrl-C: what was taken is still recorded
         _record_what_was_taken(recorder)
         raise
@@ -106,9 +101,56 @@ def run_stream(names: list[str], cfg: Config, progress: bool = True) -> list[Run
     for summary, n in zip(summaries, workers, strict=True):
         _fill(summary, stats[summary.stage], seconds, n)
         log.info(summary.line())
-    if janitor.removed_bytes:
-        log.info("media: removed %.1f MB no later stage needs (run.keep_media keeps them)", janitor.removed_bytes / 1e6)
+    _log_media(_ray_get(recorder.media.remote()))
     return summaries
+
+
+def media_plan(cfg: Config, stages: list[Stage]) -> tuple[list[MediaRole], dict[str, Any]]:
+    """Each stage's part in the run's bounded disk, and the janitor's arguments: which media are
+    removed after which stage, and the media window (the most videos past the stage that makes the
+    media and not yet through the last stage that reads them).
+
+    The window holds at least every row the batches in between can wait for (a map operator waits
+    for a full batch; fewer places than that could leave every stage waiting for rows the window
+    holds back), plus the media stage's workers."""
+    media = {c: k for s in cfg.registry.values() for c, k in s.media.items()}
+    removable = set(media.values()) - set(cfg.run.keep_media)
+    readers = [k for k, s in enumerate(stages) if s.reads_media() & removable]
+    makers = [k for k, s in enumerate(stages) if set(type(s).media.values()) & removable]
+    roles = [MediaRole() for _ in stages]
+    janitor: dict[str, Any] = {"media": media, "keep": cfg.run.keep_media, "final_stage": None, "window": None}
+    if not readers:
+        return roles, janitor
+    last = readers[-1]
+    roles[last] = MediaRole(sees=True, columns=tuple(media))
+    if stages[-1].name != list(cfg.registry)[-1]:  # a later run's stages still read these media
+        return roles, janitor
+    janitor["final_stage"] = stages[last].name
+    if makers and makers[0] < last:
+        maker = makers[0]
+        waiting = sum(s.resources.batch_size * (2 if _prepares(s) else 1) for s in stages[maker + 1:last + 1])
+        least = waiting + max(1, stages[maker].resources.concurrency or 1)
+        asked = cfg.run.media_window
+        if asked and asked < least:
+            log.info("run.media_window %d is below the %d rows this run's batches between %s and %s wait for: "
+                     "using %d", asked, least, stages[maker].name, stages[last].name, least)
+        janitor["window"] = max(asked, least)
+        roles[maker] = MediaRole(admits=True)
+        log.info("media window: at most %d videos past %s and not yet through %s", janitor["window"],
+                 stages[maker].name, stages[last].name)
+    return roles, janitor
+
+
+def _prepares(stage: Stage) -> bool:
+    return bool(stage.resources.prepare_cpus) and type(stage).has_prepare()
+
+
+def _log_media(media: dict[str, Any]) -> None:
+    if media["removed_bytes"]:
+        log.info("media: removed %.1f MB no later stage needs (run.keep_media keeps them)", media["removed_bytes"] / 1e6)
+    if media["window"]:
+        log.info("media window: at most %d of %d videos in flight at once%s", media["peak_held"], media["window"],
+                 f"; {media['stalls']} stalls let one more in" if media["stalls"] else "")
 
 
 def _record_what_was_taken(recorder: Any) -> None:
@@ -126,7 +168,7 @@ def _ray_get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-def _start_recorder(cfg: Config, stages: list[Stage]) -> Any:
+def _start_recorder(cfg: Config, stages: list[Stage], janitor: dict[str, Any]) -> Any:
     """The recorder actor, on the driver's node (where the manifests are written from), no CPU held."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -134,7 +176,7 @@ def _start_recorder(cfg: Config, stages: list[Stage]) -> Any:
     schemas = [(s.name, full_schema(s.schema).serialize().to_pybytes()) for s in stages]
     here = NodeAffinitySchedulingStrategy(_driver_node(), soft=False)
     actor = ray.remote(ManifestRecorder).options(num_cpus=0, scheduling_strategy=here, max_restarts=0)
-    return actor.remote(str(cfg.run.manifest_root), schemas, cfg.run.flush_rows)
+    return actor.remote(str(cfg.run.manifest_root), schemas, cfg.run.flush_rows, janitor=janitor)
 
 
 def _write_entries(plan: StreamPlan, folder: Path) -> list[tuple[str, int]]:
@@ -151,7 +193,7 @@ def _write_entries(plan: StreamPlan, folder: Path) -> list[tuple[str, int]]:
 
 
 def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str, recorder: Any,
-              files: list[tuple[str, int]], plan: StreamPlan) -> tuple[Any, list[int]]:
+              files: list[tuple[str, int]], plan: StreamPlan, roles: list[MediaRole]) -> tuple[Any, list[int]]:
     import ray.data
 
     resources, pools, factor = fit_stream([s.name for s in stages], [s.resources for s in stages])
@@ -168,7 +210,7 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
     config_json = json.dumps(cfg.as_dict())
     workers = []
     largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
-    for k, (stage, res, pool) in enumerate(zip(stages, resources, pools, strict=True)):
+    for k, (stage, res, pool, role) in enumerate(zip(stages, resources, pools, roles, strict=True)):
         # threads: what the stage asked for, or every core of a node for an auto-sized pool (the
         # stage-after-stage runner gives such a stage every core too; busy stages share them)
         asked = stage.resources
@@ -185,12 +227,12 @@ def _pipeline(cfg: Config, stages: list[Stage], phashes: list[str], run_id: str,
         common = dict(batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
                       memory=res.memory_bytes or None)
         if pool is None:
-            ds = ds.map_batches(stream_in_task, fn_args=(stage_cls, name, config_json, k, stamp, recorder, threads),
+            ds = ds.map_batches(stream_in_task, fn_args=(stage_cls, name, config_json, k, stamp, recorder, threads, role),
                                 **common)
             workers.append(1)
         else:
             named = type(f"{stage_cls.__name__}Worker", (StreamWorker,), {})  # Ray's op and process names
-            ds = ds.map_batches(named, fn_constructor_args=(stage_cls, name, config_json, k, stamp, recorder, threads),
+            ds = ds.map_batches(named, fn_constructor_args=(stage_cls, name, config_json, k, stamp, recorder, threads, role),
                                 compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **common)
             workers.append(pool[1])
     return ds, workers

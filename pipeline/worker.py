@@ -9,15 +9,18 @@ import json
 import logging
 import time
 import traceback
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import fleet
 from pipeline.config import load_section
+from pipeline.janitor import SEEN_FIELDS
 from pipeline.stage import STATUSES, Result, Row, Stage
 
 log = logging.getLogger("discomv")
+ADMIT_POLL_SECONDS = 0.5  # a stage waiting for a place in the media window asks again this often
 
 
 def build_stage(stage_cls: type[Stage], name: str, config_json: str) -> Stage:
@@ -203,10 +206,11 @@ class StreamWorker:
     passes every row on; a row not ok passes through the rest of the stream untouched."""
 
     def __init__(self, stage_cls: type[Stage], name: str, config_json: str, index: int, stamp: dict[str, str],
-                 recorder: Any, threads: int = 1) -> None:
+                 recorder: Any, threads: int = 1, media: MediaRole | None = None) -> None:
         use_threads(threads)
         self.worker = WireStageWorker(stage_cls, name, config_json)
         self.index, self.stamp, self.recorder = index, stamp, recorder
+        self.media = media or MediaRole()
         self.schema = stage_cls.schema
         self.arrays = {f.name: f.type.value_type.to_pandas_dtype() for f in stage_cls.schema
                        if _is_number_list(f.type)}
@@ -217,14 +221,45 @@ class StreamWorker:
         rows = unpack_rows(batch)
         mine = [row for row in rows if is_mine(row, self.index)]
         out = [row for row in rows if not is_mine(row, self.index)]
-        if mine:
+        for admitted in self._admitted(mine):
             # rows left pending (the run's download budget spent) get no result: they leave the stream
-            results = fleet.recorded(self.worker.process_safely([_stage_view(row) for row in mine]))
+            results = fleet.recorded(self.worker.process_safely([_stage_view(row) for row in admitted]))
             for result in results:
                 result.update(self.stamp)
             ray.get(self.recorder.add.remote(self.worker.stage.name, json.dumps(results, default=str)))
-            out += self.merge(mine, results)
+            out += self.merge(admitted, results)
+            if self.media.admits and len(results) < len(admitted):
+                answered = {r["key"] for r in results}
+                ray.get(self.recorder.release.remote([r["key"] for r in admitted if r["key"] not in answered]))
+        if self.media.sees:
+            self._show(out)
         return as_batch([pack_row(row) for row in out])
+
+    def _admitted(self, rows: list[Row]) -> Iterator[list[Row]]:
+        """The rows, in groups as the run's media window lets them start (all at once when this stage
+        does not make the media the window counts)."""
+        import ray
+
+        while rows:
+            if not self.media.admits:
+                yield rows
+                return
+            granted = set(ray.get(self.recorder.admit.remote([row["key"] for row in rows])))
+            if granted:
+                yield [row for row in rows if row["key"] in granted]
+                rows = [row for row in rows if row["key"] not in granted]
+            else:
+                time.sleep(ADMIT_POLL_SECONDS)
+
+    def _show(self, rows: list[Row]) -> None:
+        """The last stage reading media shows the janitor every row it passes on (not those that
+        entered after it): what they hold and whether their video's journey is over."""
+        import ray
+
+        fields = (*SEEN_FIELDS, *self.media.columns)
+        seen = [{f: row[f] for f in fields if f in row} for row in rows if row["_enter"] <= self.index]
+        if seen:
+            ray.get(self.recorder.see.remote(json.dumps(seen, default=str)))
 
     def merge(self, rows: list[Row], results: list[dict[str, Any]]) -> list[Row]:
         """Each input row with its result's columns (fan-out: one row per result, keyed by it);
@@ -259,6 +294,17 @@ class StreamWorker:
         return merged
 
 
+@dataclass(frozen=True)
+class MediaRole:
+    """A stage's part in the run's bounded disk: `admits` (it makes the media the window counts: it
+    asks the recorder before starting a video), `sees` (the last stage reading media: it shows the
+    recorder every row it passes on), `columns` (the media columns, for `sees`)."""
+
+    admits: bool = False
+    sees: bool = False
+    columns: tuple[str, ...] = ()
+
+
 def use_threads(threads: int) -> None:
     """Math-library threads for this worker process. Ray sets OMP_NUM_THREADS to a worker's whole
     CPUs (1 for the fractional CPUs a streaming run hands out); a model stage alone at the end of a
@@ -289,11 +335,12 @@ _STREAMERS: dict[tuple[int, str, str, int], StreamWorker] = {}
 
 
 def stream_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, config_json: str, index: int,
-                   stamp: dict[str, str], recorder: Any, threads: int = 1) -> dict[str, Any]:
+                   stamp: dict[str, str], recorder: Any, threads: int = 1, media: MediaRole | None = None,
+                   ) -> dict[str, Any]:
     """A task stage of the stream: the StreamWorker built once per worker process."""
     key = (id(stage_cls), name, config_json, index)
     if key not in _STREAMERS:
-        _STREAMERS[key] = StreamWorker(stage_cls, name, config_json, index, stamp, recorder, threads)
+        _STREAMERS[key] = StreamWorker(stage_cls, name, config_json, index, stamp, recorder, threads, media)
     return _STREAMERS[key](batch)
 
 

@@ -98,6 +98,7 @@ class Beats(Stage):
     name = "beats"
     upstream = "clips"
     version = "1"
+    reads = frozenset({"video", "stems"})
     Config = BeatsConfig
     requires = ("librosa", "soundfile", "cv2", "numpy")
     schema = pa.schema(

@@ -21,6 +21,7 @@ class ClipsConfig:
     last_partial: str = option("drop", "the last clip shorter than clip_s: drop | pad (downstream pads it)",
                                choices=("drop", "pad"))
     min_partial_s: float = option(3.0, "with last_partial=pad, keep a partial clip only if this long")
+    batch_size: int = option(64, "videos cut into clips per call (cheap: large batches save scheduling)", output=False)
 
 
 class Clips(Stage):
@@ -46,7 +47,7 @@ class Clips(Stage):
 
     @property
     def resources(self) -> Resources:
-        return Resources(num_cpus=0.25, batch_size=64)
+        return Resources(num_cpus=0.25, batch_size=self.config.batch_size)
 
     def process(self, rows: list[Row]) -> list[Result]:
         return [result for row in rows for result in self.clip_video(row)]

@@ -80,6 +80,7 @@ class Features(Stage):
     name = "features"
     upstream = "tokens"
     version = "1"
+    reads = frozenset({"video"})
     Config = FeaturesConfig
     requires = ("torch", "timm", "decord", "cv2", "safetensors", "numpy")
     schema = pa.schema(

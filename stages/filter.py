@@ -118,6 +118,7 @@ class Filter(Stage):
     name = "filter"
     upstream = "download"
     version = "1"
+    reads = frozenset({"video"})
     Config = FilterConfig
     requires = ("decord", "cv2", "torch", "open_clip")
     schema = pa.schema(

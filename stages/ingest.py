@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,23 +114,149 @@ class Ingest(SourceStage):
         return Resources(num_cpus=1, batch_size=512)
 
     def source_rows(self) -> list[Row]:
+        keys = self.source_keys()
+        return [row for window in self.source_windows(keys.column("ord").to_numpy(), 1 << 16) for row in window]
+
+    def source_keys(self) -> pa.Table:
+        """Pass 1, streamed over the id/URL columns only: (key, ord) of every candidate kept, in input
+        order (ord counts rows across the inputs). YouTube-8M pseudo ids are resolved (cached lookups)
+        before they have keys. The first input row of a key keeps it (a duckdb group-by, not a Python
+        set of 15M keys); the others go to `also_in`. With a limit, reading stops once that many
+        candidates are found (later duplicates of them are then not listed in `also_in`)."""
         if not self.config.inputs:
             raise InputError("ingest.inputs is empty: pass --set ingest.inputs=[path,...] or a config file")
-        read: list[Row] = []
+        limit, sample = self.config.limit, self.config.sample
+        seen: set[str] = set()  # only with a limit: at most `limit` keys
+        chunks, pseudo = [], []  # pseudo: (ord, pseudo id, source, where) of rows keyed after the lookups
+        self._inputs: list[_Input] = []
+        start = 0
         for spec in self.config.inputs:
-            read.extend(self._read(*_source_and_path(spec)))
-        self._resolve(read)
-        by_key: dict[str, Row] = {}
-        for row in read:
-            first = by_key.setdefault(row["key"], row)
-            if first is not row:
-                first["also_in"].append(f"{row['source']}:{row['input_file']}:{row['input_row']}")
-        rows = list(by_key.values())
+            source_input = self._open(*_source_and_path(spec), start)
+            self._inputs.append(source_input)
+            for batch in source_input.batches(keys_only=True):
+                keys = []
+                for i, rec in enumerate(batch):
+                    ord_, raw = start + i, _raw(rec, source_input.columns)
+                    if yt8m.PSEUDO_ID.match(str(raw).strip()):
+                        pseudo.append((ord_, str(raw).strip(), source_input.source, source_input.where(rec, ord_)))
+                        keys.append(None)
+                        taken = _take("yt8m:" + str(raw).strip(), seen, None) if limit is not None else False
+                    else:
+                        keys.append(_key(raw, source_input.source, source_input.where(rec, ord_))[0])
+                        taken = _take(keys[-1], seen, sample) if limit is not None else False
+                    if taken and len(seen) >= limit:
+                        break
+                chunks.append(pa.table({"key": pa.array(keys, pa.string()),
+                                        "ord": pa.array(range(start, start + len(keys)), pa.int64())}))
+                start += len(keys)
+                if limit is not None and len(seen) >= limit:
+                    break
+            source_input.rows = start - source_input.start
+            if limit is not None and len(seen) >= limit:
+                break
+        empty = pa.table({"key": pa.array([], pa.string()), "ord": pa.array([], pa.int64())})
+        candidates = pa.concat_tables(chunks) if chunks else empty
+        return self._dedupe(candidates, self._resolve(pseudo), {o: where for o, _, _, where in pseudo})
+
+    def _open(self, source: str, path: Path, start: int) -> _Input:
+        try:
+            files = yt8m.tfrecord_files(path)
+            if files is None:
+                names, _ = _open_input(path)
+                return _Input(source, path, _pick_columns(path, names), start)
+            for file in files:
+                if not file.is_file():
+                    raise InputError(f"ingest input {file}: no such file")
+            vocabulary = yt8m.find_vocabulary(files, self.config.yt8m_vocabulary)
+            wanted = yt8m.select_labels(yt8m.read_vocabulary(vocabulary), self.config.yt8m_labels, vocabulary)
+            log.info("ingest %s: %d files, videos with labels %s", path, len(files), sorted(set(wanted.values())))
+            return _Input(source, path, {"youtube_id": "id"}, start, tfrecords=files, labels=wanted)
+        except yt8m.SourceError as e:
+            raise InputError(str(e)) from e
+
+    def _resolve(self, pseudo: list[tuple[int, str, str, tuple[str, int]]]) -> pa.Table:
+        """YouTube-8M pseudo ids → (ord, key): `yt_<id>` (cached, rate-limited lookups), or a `bad_`
+        key whose row is failed with the lookup's reason (in pass 2)."""
+        self._answers: dict[str, dict[str, Any]] = {}
+        if pseudo:
+            c = self.config
+            refusal = yt8m.check_service(c.yt8m_lookup_url, c.yt8m_allow_private_hosts)
+            if refusal or "{id}" not in c.yt8m_video_url:
+                raise ConfigError(refusal or f"ingest.yt8m_video_url: {c.yt8m_video_url!r} has no {{id}}")
+            settings = yt8m.LookupSettings(
+                c.yt8m_lookup_url, c.yt8m_lookup_concurrency, c.yt8m_lookup_rate, c.yt8m_lookup_retries,
+                c.yt8m_lookup_backoff_s, batch=c.yt8m_lookup_batch,
+            )
+            self._answers = yt8m.resolve_ids([p for _, p, _, _ in pseudo], settings, self.run.manifest_root,
+                                             self.map_batches)
+        keys = [_pseudo_key(self._answers[p], p, source, where) for _, p, source, where in pseudo]
+        return pa.table({"ord": pa.array([o for o, _, _, _ in pseudo], pa.int64()), "key": pa.array(keys, pa.string())})
+
+    def _dedupe(self, candidates: pa.Table, resolved: pa.Table, pseudo_where: dict[int, tuple[str, int]]) -> pa.Table:
+        from pipeline.manifest import connect
+
+        with connect() as con:
+            con.register("listed", candidates)
+            con.register("resolved", resolved)
+            con.execute("CREATE TEMP TABLE candidates AS SELECT coalesce(l.key, r.key) AS key, l.ord FROM listed l "
+                        "LEFT JOIN resolved r USING (ord)")
+            con.execute("CREATE TEMP TABLE firsts AS SELECT key, min(ord) AS ord, count(*) AS n FROM candidates "
+                        "GROUP BY key")
+            dups = con.execute("SELECT c.key, c.ord FROM candidates c JOIN firsts f ON c.key = f.key AND f.n > 1 "
+                               "AND c.ord > f.ord ORDER BY c.ord").fetchall()
+            kept = con.sql("SELECT key, ord FROM firsts ORDER BY ord").to_arrow_table()
+        self._also_in: dict[str, list[str]] = {}
+        for key, ord_ in dups:
+            source_input = next(i for i in self._inputs if i.start <= ord_ < i.start + i.rows)
+            file, row = pseudo_where.get(ord_) or (source_input.path, ord_ - source_input.start)
+            self._also_in.setdefault(key, []).append(f"{source_input.source}:{file}:{row}")
         if self.config.sample is not None:
-            rows = [r for r in rows if _fraction(r["key"]) < self.config.sample]
+            keep = [_fraction(k) < self.config.sample for k in kept.column("key").to_pylist()]
+            kept = kept.filter(pa.array(keep, pa.bool_()))
         if self.config.limit is not None:
-            rows = rows[: self.config.limit]
-        return rows
+            kept = kept.slice(0, self.config.limit)
+        return kept
+
+    def source_windows(self, ords: Any, size: int) -> Iterator[list[Row]]:
+        """Pass 2: the candidate rows of `ords` (sorted, from `source_keys`), `size` at a time, read
+        back with only the columns ingest records (never an embedding)."""
+        import numpy as np
+
+        ords = np.asarray(ords, dtype=np.int64)
+        window: list[Row] = []
+        for source_input in self._inputs:
+            lo, hi = np.searchsorted(ords, [source_input.start, source_input.start + source_input.rows])
+            if lo == hi:
+                continue
+            wanted = np.zeros(source_input.rows, dtype=bool)  # a bit per input row, not a set of 15M ints
+            wanted[ords[lo:hi] - source_input.start] = True
+            last, index = int(ords[hi - 1]) - source_input.start, 0
+            for batch in source_input.batches():
+                for rec in batch:
+                    if index < source_input.rows and wanted[index]:
+                        window.append(self._row(source_input, rec, index))
+                        if len(window) >= size:
+                            yield window
+                            window = []
+                    index += 1
+                if index > last:
+                    break
+        if window:
+            yield window
+
+    def _row(self, source_input: _Input, rec: dict[str, Any], index: int) -> Row:
+        row = _candidate(rec, source_input.where(rec, source_input.start + index), source_input.columns, source_input.source,
+                         self.config.default_license)
+        if pseudo := row["yt8m_id"]:
+            answer = self._answers[pseudo]
+            if vid := answer["youtube_id"]:
+                row.update(key=f"yt_{vid}", url=self.config.yt8m_video_url.format(id=vid), youtube_id=vid)
+            else:
+                row.update(key=_pseudo_key(answer, pseudo, row["source"], (row["input_file"], row["input_row"])),
+                           problem=answer["reason"])
+        row["yt8m_labels"] = rec.get("yt8m_labels")
+        row["also_in"] = list(self._also_in.get(row["key"], []))
+        return row
 
     def process(self, rows: list[Row]) -> list[Result]:
         results = []
@@ -147,50 +274,6 @@ class Ingest(SourceStage):
                 results.append(Result.ok(row["key"], **metrics))
         return results
 
-    def _read(self, source: str, path: Path) -> list[Row]:
-        try:
-            files = yt8m.tfrecord_files(path)
-            if files is None:
-                return read_input(path, source, self.config.default_license)
-            for file in files:
-                if not file.is_file():
-                    raise InputError(f"ingest input {file}: no such file")
-            vocabulary = yt8m.find_vocabulary(files, self.config.yt8m_vocabulary)
-            wanted = yt8m.select_labels(yt8m.read_vocabulary(vocabulary), self.config.yt8m_labels, vocabulary)
-            rows = []
-            for video in yt8m.iter_videos(files, wanted):
-                rec = {"id": video.pseudo_id}
-                row = _candidate(rec, video.record, {"youtube_id": "id"}, source, Path(video.file), self.config.default_license)
-                rows.append({**row, "yt8m_labels": video.labels})
-            log.info("ingest %s: %d videos of %d files with labels %s", path, len(rows), len(files), sorted(set(wanted.values())))
-            return rows
-        except yt8m.SourceError as e:
-            raise InputError(str(e)) from e
-
-    def _resolve(self, rows: list[Row]) -> None:
-        """YouTube-8M pseudo ids → YouTube ids (cached, rate-limited lookups); an id that cannot be
-        resolved becomes a failed row with its reason."""
-        pending = [r for r in rows if r["yt8m_id"] and not r["key"]]
-        if not pending:
-            return
-        c = self.config
-        refusal = yt8m.check_service(c.yt8m_lookup_url, c.yt8m_allow_private_hosts)
-        if refusal or "{id}" not in c.yt8m_video_url:
-            raise ConfigError(refusal or f"ingest.yt8m_video_url: {c.yt8m_video_url!r} has no {{id}}")
-        settings = yt8m.LookupSettings(
-            c.yt8m_lookup_url, c.yt8m_lookup_concurrency, c.yt8m_lookup_rate, c.yt8m_lookup_retries,
-            c.yt8m_lookup_backoff_s, batch=c.yt8m_lookup_batch,
-        )
-        answers = yt8m.resolve_ids([r["yt8m_id"] for r in pending], settings, self.run.manifest_root, self.map_batches)
-        for row in pending:
-            answer = answers[row["yt8m_id"]]
-            if vid := answer["youtube_id"]:
-                row.update(key=f"yt_{vid}", url=c.yt8m_video_url.format(id=vid), youtube_id=vid)
-            else:
-                raw = f"{row['source']}:{row['input_file']}:{row['input_row']}:{row['yt8m_id']}"
-                row.update(key="bad_" + hashlib.sha1(raw.encode()).hexdigest()[:16], problem=answer["reason"])
-
-
 # ---------------------------------------------------------------- reading inputs
 
 
@@ -204,31 +287,93 @@ def _source_and_path(spec: str) -> tuple[str, Path]:
     return ("disco10m" if path.suffix == ".parquet" else path.stem), path
 
 
-def read_input(path: Path, source: str, default_license: str) -> list[Row]:
+@dataclass
+class _Input:
+    """One input as ingest reads it: its records in batches, the same order in both passes."""
+
+    source: str
+    path: Path
+    columns: dict[str, str]  # ingest field → the input's column
+    start: int  # ord of its first row (ords count rows across the inputs)
+    rows: int = 0  # known after pass 1
+    tfrecords: list[Path] | None = None  # a YouTube-8M input: its files ...
+    labels: dict[int, str] | None = None  # ... and the labels selected
+
+    def batches(self, keys_only: bool = False) -> Iterator[list[dict[str, Any]]]:
+        if self.tfrecords is None:
+            names = [self.columns[f] for f in ("url", "youtube_id") if f in self.columns] if keys_only else None
+            yield from _stream(self.path, names or _wanted_columns(self.path, self.columns))
+            return
+        batch: list[dict[str, Any]] = []
+        try:
+            for video in yt8m.iter_videos(self.tfrecords, self.labels or {}):
+                batch.append({"id": video.pseudo_id, "yt8m_labels": video.labels, "input_file": video.file,
+                              "input_row": video.record})
+                if len(batch) >= BATCH_ROWS:
+                    yield batch
+                    batch = []
+        except yt8m.SourceError as e:
+            raise InputError(str(e)) from e
+        if batch:
+            yield batch
+
+    def where(self, rec: dict[str, Any], ord_: int) -> tuple[str, int]:
+        """(input_file, input_row) of a record: a TFRecord names its own file and record."""
+        if "input_file" in rec:
+            return rec["input_file"], rec["input_row"]
+        return str(self.path), ord_ - self.start
+
+
+BATCH_ROWS = 65_536
+
+
+def _open_input(path: Path) -> tuple[list[str], int]:
+    """(column names, row count) of an input, without reading its rows (a Parquet footer)."""
     if not path.is_file():
         raise InputError(f"ingest input {path}: no such file")
     if path.stat().st_size == 0:
         raise InputError(f"ingest input {path}: empty file")
-    records = _read_parquet(path) if path.suffix == ".parquet" else _read_text_table(path)
-    if not records:
+    if path.suffix == ".parquet":
+        parquet = _parquet(path)
+        names = [n for n in parquet.schema_arrow.names if "embedding" not in n]
+        rows = parquet.metadata.num_rows
+    else:
+        records = _read_text_table(path)
+        names, rows = (list(records[0]) if records else []), len(records)
+    if not rows:
         raise InputError(f"ingest input {path}: no rows")
-    columns = _pick_columns(path, list(records[0]))
-    return [_candidate(rec, i, columns, source, path, default_license) for i, rec in enumerate(records)]
+    return names, rows
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    """Only the columns ingest records, read row group by row group: DISCO-10M's 512-float
-    `audio_embedding_spotify` (and any other column we never use) is never read."""
+def _stream(path: Path, columns: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[list[dict[str, Any]]]:
+    """Records of an input in batches: a Parquet file row group by row group with only `columns`
+    (large vectors such as DISCO-10M's audio_embedding_spotify are never read)."""
+    if path.suffix != ".parquet":
+        records = _read_text_table(path)
+        for i in range(0, len(records), batch_rows):
+            yield records[i:i + batch_rows]
+        return
+    try:
+        for batch in _parquet(path).iter_batches(batch_size=batch_rows, columns=columns):
+            yield batch.to_pylist()
+    except InputError:
+        raise
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise InputError(f"ingest input {path}: not a readable Parquet file ({e})") from e
+
+
+def _wanted_columns(path: Path, columns: dict[str, str]) -> list[str]:
+    """The mapped columns and DISCO-10M's similarity_* scores, in file order."""
+    names, _ = _open_input(path) if path.suffix == ".parquet" else ([], 0)
+    chosen = set(columns.values())
+    return [n for n in names if n in chosen or n.startswith("similarity_")]
+
+
+def _parquet(path: Path) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-        wanted = {c for candidates in COLUMNS.values() for c in candidates}
-        columns = [c for c in names if (c in wanted or c.startswith("similarity_")) and "embedding" not in c]
-        if not columns:
-            columns = [c for c in names if "embedding" not in c]  # let _pick_columns name what is missing
-        return [row for batch in parquet.iter_batches(columns=columns, batch_size=65_536) for row in batch.to_pylist()]
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
         raise InputError(f"ingest input {path}: not a readable Parquet file ({e})") from e
 
@@ -268,18 +413,14 @@ def _pick_columns(path: Path, names: list[str]) -> dict[str, str]:
 
 
 def _candidate(
-    rec: dict[str, Any], index: int, columns: dict[str, str], source: str, path: Path, default_license: str
+    rec: dict[str, Any], where: tuple[str, int], columns: dict[str, str], source: str, default_license: str
 ) -> Row:
     def get(field_name: str) -> Any:
-        col = columns.get(field_name)
-        value = rec.get(col) if col else None
-        return value.strip() if isinstance(value, str) else value
+        return _field(rec, columns, field_name)
 
-    raw = get("url") or get("youtube_id") or ""
-    pseudo = str(raw).strip() if yt8m.PSEUDO_ID.match(str(raw).strip()) else None  # resolved in _resolve
-    key, url, youtube_id, problem = ("", None, None, None) if pseudo else canonical(str(raw))
-    if problem:
-        key = "bad_" + hashlib.sha1(f"{source}:{path}:{index}:{raw}".encode()).hexdigest()[:16]
+    raw = _raw(rec, columns)
+    pseudo = str(raw).strip() if yt8m.PSEUDO_ID.match(str(raw).strip()) else None  # resolved in pass 1
+    key, url, youtube_id, problem = ("", None, None, None) if pseudo else _key(raw, source, where)
     artist_id = get("artist_id")
     if isinstance(artist_id, (list, tuple)):
         artist_id = artist_id[0] if artist_id else None
@@ -298,12 +439,45 @@ def _candidate(
         "duration_s": _number(get("duration_s")),
         "license": _text(get("license")) or default_license,
         "also_in": [],
-        "input_file": str(path),
-        "input_row": index,
+        "input_file": where[0],
+        "input_row": where[1],
         "disco_scores": json.dumps(scores) if scores else None,
         "yt8m_id": pseudo,
         "yt8m_labels": None,
     }
+
+
+def _field(rec: dict[str, Any], columns: dict[str, str], field_name: str) -> Any:
+    col = columns.get(field_name)
+    value = rec.get(col) if col else None
+    return value.strip() if isinstance(value, str) else value
+
+
+def _raw(rec: dict[str, Any], columns: dict[str, str]) -> Any:
+    return _field(rec, columns, "url") or _field(rec, columns, "youtube_id") or ""
+
+
+def _key(raw: Any, source: str, where: tuple[str, int]) -> tuple[str, str | None, str | None, str | None]:
+    """canonical() of a row's URL/id, with a rejected row keyed `bad_<sha1 of where it is>`."""
+    key, url, youtube_id, problem = canonical(str(raw))
+    if problem:
+        key = "bad_" + hashlib.sha1(f"{source}:{where[0]}:{where[1]}:{raw}".encode()).hexdigest()[:16]
+    return key, url, youtube_id, problem
+
+
+def _pseudo_key(answer: dict[str, Any], pseudo: str, source: str, where: tuple[str, int]) -> str:
+    """The key of a YouTube-8M row: its YouTube id's, or (no answer) `bad_` of where it is."""
+    if answer["youtube_id"]:
+        return f"yt_{answer['youtube_id']}"
+    return "bad_" + hashlib.sha1(f"{source}:{where[0]}:{where[1]}:{pseudo}".encode()).hexdigest()[:16]
+
+
+def _take(key: str, seen: set[str], sample: float | None) -> bool:
+    """Count a key toward a limit: new, and in the sample."""
+    if key in seen or (sample is not None and _fraction(key) >= sample):
+        return False
+    seen.add(key)
+    return True
 
 
 def canonical(raw: str) -> tuple[str, str | None, str | None, str | None]:

@@ -76,6 +76,7 @@ class Separate(Stage):
     name = "separate"
     upstream = "filter"
     version = "1"
+    reads = frozenset({"video"})
     Config = SeparateConfig
     requires = ("demucs", "torch", "soundfile", "numpy")
     media = {"instrumental_path": "stems", "instrumental32k_path": "stems"}

@@ -84,6 +84,10 @@ class Shards(Stage):
         # One writer: shard numbers and index.parquet have a single owner.
         return Resources(num_cpus=1, batch_size=self.config.max_samples, concurrency=1)
 
+    def reads_media(self) -> frozenset[str]:
+        return frozenset({"stems"} if self.config.include_flac else set()) | (
+            {"video"} if self.config.include_mp4 else set())
+
     def params(self) -> dict[str, Any]:
         return {**super().params(), "heldout": _file_digest(self.config.heldout_keys)}
 

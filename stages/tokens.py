@@ -64,6 +64,7 @@ class Tokens(Stage):
     name = "tokens"
     upstream = "beats"
     version = "1"
+    reads = frozenset({"stems"})
     Config = TokensConfig
     requires = ("torch", "transformers", "soundfile", "numpy")
     schema = pa.schema(

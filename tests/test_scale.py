@@ -132,6 +132,7 @@ def test_ingest_reads_only_the_columns_it_records(tmp_path: Path, monkeypatch, m
     assert [r["key"] for r in rows] == [f"yt_{v}" for v in ids[:5]]
     assert rows[0]["disco_scores"] == '{"similarity_clip": 0.5}' and rows[0]["title"] == "t"
     assert read and all("audio_embedding_spotify" not in cols for cols in read)
+    assert read[0] == ["video_url_youtube"], "pass 1 reads the URL column only"
 
 
 def test_a_source_stage_is_planned_against_its_done_keys(tmp_path: Path, make_stage):

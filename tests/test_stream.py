@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,12 +44,14 @@ def urls(tmp_path_factory: pytest.TempPathFactory):
         yield [f"{server.url}/{name}?n={i}" for i, name in enumerate(names)]
 
 
-def run(folder: Path, urls: list[str], **run_options) -> str:
+def run(folder: Path, urls: list[str], stages: dict | None = None, **run_options) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "urls.txt").write_text("\n".join(urls) + "\n")
     raw = {"run": {"manifest_root": str(folder / "manifests"), "media_root": str(folder / "media"),
                    "shard_root": str(folder / "shards"), "weights": "random", **run_options},
            "ingest": {"inputs": [str(folder / "urls.txt")]}, **FAST}
+    for name, options in (stages or {}).items():
+        raw[name] = {**raw.get(name, {}), **options}
     (folder / "config.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(folder / "config.yaml"),
                            "--no-progress"], capture_output=True, text=True, timeout=900)
@@ -138,6 +142,44 @@ def test_keep_media_keeps_what_it_names(urls: list[str], tmp_path: Path):
     run(tmp_path, urls[:4], keep_media=["video", "stems"])
     assert ManifestStore(tmp_path / "manifests").latest("media") is None
     assert len(list((tmp_path / "media" / "video").glob("*.mp4"))) == 4
+
+
+MEDIA_FOLDERS = ("video", "instrumental", "instrumental32k")  # what download and separate make
+
+
+def test_the_media_window_bounds_the_videos_on_disk(urls: list[str], tmp_path: Path):
+    """Downloads from 127.0.0.1 outrun every later stage: without the window every video is on disk
+    before the first is removed. Every batch one row and one download worker: the least window is 7
+    videos (6 stages' batches between download and features, + the download worker), against 16
+    candidates. A sampler counts the videos with media on disk (failed rows keep theirs: not counted)."""
+    more = urls + [f"{u}&again={i}" for i, u in enumerate(urls[:6])]
+    one = {"batch_size": 1}
+    snapshots: list[set[str]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            snapshots.append({p.name.split(".")[0] for folder in MEDIA_FOLDERS
+                              for p in (tmp_path / "media" / folder).glob("*") if p.is_file()})
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        logs = run(tmp_path, more, stages={"download": {"concurrency": 1}, **{n: one for n in (
+            "filter", "separate", "clips", "beats", "tokens", "features")}})
+    finally:
+        stop.set()
+        sampler.join()
+    window = int(re.search(r"media window: at most (\d+) videos past download and not yet through features", logs)[1])
+    peak, same_window = map(int, re.search(r"media window: at most (\d+) of (\d+) videos in flight", logs).groups())
+    assert window == same_window == 7 and peak == window, "the window was full: it bound the run"
+    store = ManifestStore(tmp_path / "manifests")
+    failed = {r["key"] for name in STAGES if store.latest(name) is not None
+              for r in store.latest(name).to_pylist() if r["status"] == "failed"}
+    on_disk = max(len(s - failed) for s in snapshots)
+    downloaded = sum(r["status"] == "ok" for r in store.latest("download").to_pylist())
+    assert downloaded > window and 0 < on_disk <= window, (downloaded, on_disk, window)
+    assert not any(s - failed for s in snapshots[-1:]), "all removed at the end"
 
 
 def _rows(store: ManifestStore, stage, rows: list[dict]) -> None:
