@@ -105,10 +105,13 @@ class Sampler(threading.Thread):
             })
 
 
+MEDIA_FOLDERS = ("video", "instrumental", "instrumental32k")  # downloads and stems; clip artifacts stay
+
+
 def media_bytes(root: Path) -> int:
-    """Bytes of media on disk now (files being written included)."""
+    """Bytes of downloads and stems on disk now (files being written included)."""
     total = 0
-    for folder, _, files in os.walk(root):
+    for folder, _, files in (entry for sub in MEDIA_FOLDERS for entry in os.walk(root / sub)):
         for name in files:
             try:
                 total += os.stat(os.path.join(folder, name)).st_size
@@ -202,7 +205,11 @@ def compare(n: int, results: dict) -> int:
     print(f"\n### streaming vs stage after stage, {n} candidates, same corpus, one after the other\n")
     print(f"wall: streaming {stream_s / 60:.1f} min, stage after stage {stages_s / 60:.1f} min "
           f"({stages_s / stream_s:.2f}× in streaming's favour)")
-    print(f"peak media on disk: streaming {peak['stream']:.0f} MB, stage after stage {peak['stages']:.0f} MB")
+    print(f"peak media (downloads + stems) on disk: streaming {peak['stream']:.0f} MB, stage after stage "
+          f"{peak['stages']:.0f} MB ({peak['stages'] / max(peak['stream'], 1e-9):.1f}×); at the end: streaming "
+          f"{stream_samples[-1]['media_bytes'] / 1e6:.0f} MB, stage after stage {stages_samples[-1]['media_bytes'] / 1e6:.0f} MB")
+    window = re.findall(r"media window: at most .*", results["stream"][1])
+    print("streaming run: " + ("; ".join(window) if window else "no media window"))
     same = ours == theirs
     print("same statuses and reasons per key in every stage, same shard samples: " + ("yes" if same else "NO"))
     record(f"streaming vs stage after stage ({n:,} candidates)",

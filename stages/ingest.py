@@ -30,6 +30,8 @@ from pipeline.stage import Result, Row, SourceStage
 log = logging.getLogger("discomv")
 
 YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
+# DISCO-10M's own URL form: canonical()'s answer without urlparse (15.3M of them per ingest pass)
+PLAIN_WATCH_URL = re.compile(r"https?://(?:www\.|m\.|music\.)?youtube\.com/watch\?v=([A-Za-z0-9_-]{11})(?:[&#].*)?")
 YOUTUBE_HOSTS = {"youtube.com", "www.youtube.com", "m.youtube.com", "music.youtube.com", "youtu.be"}
 
 # DISCO-10M column names as published, then generic fallbacks.
@@ -487,6 +489,9 @@ def canonical(raw: str) -> tuple[str, str | None, str | None, str | None]:
         return "", None, None, "missing_url: empty URL/id"
     if YOUTUBE_ID.match(raw):
         return f"yt_{raw}", f"https://www.youtube.com/watch?v={raw}", raw, None
+    if plain := PLAIN_WATCH_URL.fullmatch(raw):
+        vid = plain[1]
+        return f"yt_{vid}", f"https://www.youtube.com/watch?v={vid}", vid, None
     parsed = urlparse(raw)
     if not parsed.scheme and "/" not in raw:
         return "", None, None, f"bad_id: {raw[:40]!r} is neither an 11-char YouTube id nor an http(s) URL"
