@@ -1,11 +1,11 @@
 """Roots as local folders or object-store URIs (`s3://bucket/prefix`, `gs://…`, `file://…`) through
 fsspec, and publication that keeps all-or-nothing visibility where rename is not atomic.
 
-A remote object is published by uploading the finished local file under a temp key (`<key>.tmp`,
-which every reader ignores) and then one server-side copy to the final key: an S3 PUT or copy makes
-an object visible whole or not at all, and a copy runs only once the temp upload completed, so a
-failed or killed upload never shows under a final name (even where a client's `close()` would
-complete a multipart upload of a partial stream). See docs/storage.md.
+A remote object is written whole to a local file first, then published: on S3 by one s3fs upload
+(a PUT, or a multipart upload completed only after its last part: S3 shows the object whole or not
+at all); on other backends under a temp key (`<key>.tmp`, which every reader ignores) and then one
+copy to the final key. Nothing streams into a final key, where a client's `close()` on an error
+could complete a partial upload. See docs/storage.md.
 
 Credentials and endpoint come from the client's own environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, …) and `run.storage_options` (fsspec's
@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
+# Protocols whose client uploads a file whole or not at all: s3fs sends one PUT, or a multipart upload
+# it completes only after every part is in and aborts on an error; S3 shows an object only once its PUT
+# or CompleteMultipartUpload returns. Other fsspec backends go through a temp key and a copy.
+ATOMIC_UPLOAD = frozenset({"s3", "s3a"})
 OPTIONS_ENV = "DISCOMV_STORAGE_OPTIONS"  # JSON: storage options for processes this one starts (Ray workers)
 _options: dict[str, Any] = {}
 
@@ -115,7 +119,11 @@ class Root:
 
     def publish_file(self, local: Path, name: str) -> None:
         """Make `name` the whole of the local file `local`, or leave it as it was: upload under a
-        temp key, then one copy to the final key (see the module's docstring)."""
+        temp key, then one copy to the final key (see the module's docstring); where the client's
+        upload is itself all-or-nothing (ATOMIC_UPLOAD), one upload straight to the final key."""
+        if self.protocol in ATOMIC_UPLOAD:
+            self.fs.put_file(str(local), self.key(name))
+            return
         tmp = self.key(name + TMP_SUFFIX)
         try:
             self.fs.put_file(str(local), tmp)
@@ -127,6 +135,9 @@ class Root:
                 pass
 
     def publish_bytes(self, data: bytes, name: str) -> None:
+        if self.protocol in ATOMIC_UPLOAD:
+            self.fs.pipe_file(self.key(name), data)
+            return
         tmp = self.key(name + TMP_SUFFIX)
         try:
             self.fs.pipe_file(tmp, data)

@@ -7,6 +7,10 @@ size-bounded shards split by artist, a temp name renamed only when the shard is 
 computed while writing, and a sidecar index per shard so a re-run after a kill finds finished
 samples instead of writing them twice. A write error (disk full) fails the rows of the shard being
 written and the rest of its split, naming the error, and leaves no partial tar behind.
+
+With `run.shard_root` on an object store (`s3://bucket/prefix`) each shard is written to a local
+staging file (one at a time, removed once uploaded), uploaded whole under its final key, and its
+sidecar uploaded last (pipeline/webds/index.py, docs/storage.md).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import struct
 import subprocess
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +31,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.options import ConfigError, option
 from pipeline.stage import Resources, Result, Row, Stage
 from pipeline.timeline import STEPS
 from pipeline.webds.index import (
     ShardInfo,
+    ShardRoot,
     next_shard_number,
     read_shards,
     sidecar_path,
@@ -88,8 +95,14 @@ class Shards(Stage):
         return {**super().params(), "heldout": _file_digest(self.config.heldout_keys)}
 
     def setup(self) -> None:
-        self.root = Path(self.run.shard_root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root: ShardRoot
+        if storage.is_remote(self.run.shard_root):
+            self.root = storage.open_root(self.run.shard_root)
+            self.staging = staging_dir(self.root.url)
+        else:
+            self.root = storage.local_path(self.run.shard_root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.staging = self.root
         self.heldout = _read_keys(self.config.heldout_keys)
 
     def process(self, rows: list[Row]) -> list[Result]:
@@ -157,7 +170,7 @@ class Shards(Stage):
         """Fill one shard from `samples` (up to max_samples / max_bytes), publish it under its final
         name and return the approximate bytes per key. `info.keys` lists every key taken, even when
         a write error is raised part-way."""
-        tmp = self.root / (info.shard + ".tmp")
+        tmp = self.staging / (info.shard + ".tmp")
         sizes = {}
         with TarShardWriter(tmp, durable=self.config.fsync) as writer:
             while (item := samples.peek()) and len(info.keys) < self.config.max_samples:
@@ -204,9 +217,31 @@ class SampleQueue:
         return len(self.rows) + (self.head is not None)
 
 
-def publish(root: Path, tmp: Path, info: ShardInfo) -> None:
+def staging_dir(url: str) -> Path:
+    """This node's local folder for the shard being written to a remote root: one per root (the
+    stage has one writer), emptied of what a killed writer left, so it holds one shard at most."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"discomv-shards-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.tmp"):
+        stale.unlink(missing_ok=True)
+    return folder
+
+
+def publish(root: ShardRoot, tmp: Path, info: ShardInfo) -> None:
     """Sidecar first, then the tar: a tar under a final name always has its index entry. On an
-    error neither the temp tar nor a sidecar without its tar is left behind."""
+    error neither the temp tar nor a sidecar without its tar is left behind. Remotely the tar goes
+    up first and its sidecar last (a finished shard is one with a sidecar)."""
+    if isinstance(root, storage.Root):
+        try:
+            root.publish_file(tmp, info.shard)
+            write_sidecar(root, info)
+        except OSError:
+            root.remove(info.shard)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
     try:
         write_sidecar(root, info)
         os.replace(tmp, root / info.shard)
