@@ -60,6 +60,7 @@ def load_config_dict(registry: Registry, raw: dict[str, Any]) -> Config:
             raise ConfigError(f"unknown config section '{name}'{_hint(name, sections)}")
     built = {name: _build(name, cls, raw.get(name) or {}) for name, cls in sections.items()}
     run = built.pop("run")
+    _check_roots(run)
     storage.configure(run.storage_options)
     _check_restated(built)
     return Config(run=run, stages=built, registry=dict(registry))
@@ -70,6 +71,13 @@ def load_section(name: str, cls: type, raw: dict[str, Any]) -> tuple[RunConfig, 
     run = _build("run", RunConfig, raw.get("run") or {})
     storage.configure(run.storage_options)
     return run, _build(name, cls, raw.get(name) or {})
+
+
+def _check_roots(run: RunConfig) -> None:
+    if storage.is_remote(run.media_root):
+        raise ConfigError(
+            f"config key 'run.media_root' is {run.media_root!r}: media must be a local folder for now "
+            "(run.manifest_root and run.shard_root may be object-store URIs; docs/storage.md)")
 
 
 def _check_restated(sections: dict[str, Any]) -> None:

@@ -206,51 +206,12 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     return DemoRun(out, port, proc.returncode, proc.stdout, proc.stderr)
 
 
-@dataclass
-class S3Server:
-    """moto's standalone S3 server on 127.0.0.1, for the real clients (s3fs, boto3, pyarrow)."""
-
-    endpoint: str
-    env: dict[str, str]
-
-    def bucket(self, name: str) -> str:
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-        return f"s3://{name}"
-
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API (moto's server, a separate process) on a free 127.0.0.1 port, and the usual
-    AWS_* variables pointing at it for this process and every process it starts; stopped at the end."""
-    import time
-    import urllib.request
+    """moto's standalone S3 server on 127.0.0.1 (its own process) with the AWS_* variables pointing
+    at it for this process and every process it starts; stopped at the end of the session."""
+    from pipeline.tools.s3server import MotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "moto's server exited at start"
-                time.sleep(0.1)
-        yield S3Server(endpoint, env)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with MotoServer() as server:
+        yield server

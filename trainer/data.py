@@ -56,7 +56,7 @@ def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> A
     """webdataset's opener for a URL scheme it has no handler of its own for: fsspec's file."""
     import fsspec
 
-    return fsspec.open(url, mode, block_size=max(bufsize, 8 << 20)).open()
+    return fsspec.open(url, mode).open()
 
 
 def open_with_fsspec(protocol: str) -> None:
