@@ -14,8 +14,9 @@ on the machine disturbs much less than wall time.
 
 A second row: the stage with `run.shard_root` on an S3 bucket (moto's server on 127.0.0.1, the real
 s3fs client) vs s3fs `put` of the same tar bytes to the same server, in the same run. The stage
-builds each shard in a local staging file, uploads it whole, then its sidecar and the index; `put`
-only uploads finished tars — the floor of getting the bytes into the bucket.
+streams each shard to its key as a multipart upload (completed once the tar is whole) while it
+builds it, then uploads its sidecar and the index; `put` only uploads finished tars — the floor of
+getting the bytes into the bucket.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def bucket_rounds(rows: list[dict], work: Path) -> dict[str, list[float]]:
                     fs.put([str(p) for p in tars], f"{url}/put/")
                     seconds = time.perf_counter() - started
                 figures[which].append(size / 1e6 / seconds)
+            fs.rm(url, recursive=True)  # moto keeps objects in memory
     return figures
 
 
@@ -228,7 +230,7 @@ def main() -> None:
           f"s3fs put {', '.join(f'{v:.0f}' for v in bucket['put'])}")
     record("shards to s3://", f"{stage_s3:.0f} MB/s", f"s3fs `put` {put_s3:.0f} MB/s", round(stage_s3 / put_s3, 3),
            f"median of {S3_ROUNDS} rounds, {CLIPS} clips, moto's S3 server on 127.0.0.1 (both bound by it); the stage "
-           "stages each shard locally, uploads it whole, then sidecar and index; put uploads finished tars")
+           "streams each shard as a multipart upload while building it, then sidecar and index; put uploads finished tars")
 
 if __name__ == "__main__":
     main()
