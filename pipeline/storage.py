@@ -95,10 +95,6 @@ class Root:
             return []
         return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
 
-    def exists(self, *parts: str) -> bool:
-        self.fs.invalidate_cache(self.key(*parts))  # another process may have written it since
-        return bool(self.fs.exists(self.key(*parts)))
-
     def size(self, *parts: str) -> int:
         return int(self.fs.size(self.key(*parts)))
 
@@ -113,9 +109,6 @@ class Root:
             self.fs.rm_file(self.key(*parts))
         except FileNotFoundError:
             pass
-
-    def download(self, name: str, to: Path) -> None:
-        self.fs.get_file(self.key(name), str(to))
 
     def publish_file(self, local: Path, name: str) -> None:
         """Make `name` the whole of the local file `local`, or leave it as it was: upload under a
