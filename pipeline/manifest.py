@@ -2,9 +2,9 @@
 
 Part files are written to a temp name, fsynced and renamed, so a kill leaves either a whole part
 or none. Readers take the latest row per key; `compact` rewrites a stage into one part. On an object
-store (`s3://…` root) a part is written whole to a local temp file, uploaded under a temp key and
-copied to its final key (pipeline/storage.py): visible whole or not at all; readers list only
-`part-*.parquet`, never `*.tmp`.
+store (`s3://…` root) a part is written whole to a local temp file, then published by one upload
+(S3) or a temp key and a copy (other backends; pipeline/storage.py): visible whole or not at all;
+readers list only `part-*.parquet`, never `*.tmp`.
 
 At DISCO-10M scale (15.3M candidates, a download part every 16 rows) nothing here may hold a stage
 as Python objects or concatenate every part: readers are duckdb SQL over the part files (latest row
@@ -88,7 +88,8 @@ class ManifestStore:
         return sorted(d.glob("part-*.parquet")) if d.is_dir() else []
 
     def _parquet(self, part: Part) -> pq.ParquetFile:
-        return pq.ParquetFile(self.remote.fs.open(part, "rb") if self.remote else part)
+        # 1 MiB reads remotely: a footer or a column chunk, not the client's default 50 MiB block
+        return pq.ParquetFile(self.remote.fs.open(part, "rb", block_size=1 << 20) if self.remote else part)
 
     def _unlink(self, part: Part) -> None:
         if self.remote:
@@ -101,7 +102,7 @@ class ManifestStore:
             _fsync_dir(self.stage_dir(stage))
 
     def _writer(self, stage: str, name: str, schema: pa.Schema) -> _AtomicPart:
-        """A part written whole under `name`: locally by rename, remotely by upload then copy."""
+        """A part written whole under `name`: locally by rename, remotely by `Root.publish_file`."""
         if self.remote:
             return _RemotePart(self.remote, f"{stage}/{name}", schema)
         return _AtomicPart(self.stage_dir(stage) / name, schema)
@@ -352,7 +353,7 @@ class _AtomicPart:
 
 class _RemotePart(_AtomicPart):
     """A part written whole to a local temp file, then published to the object store under its
-    key by `Root.publish_file` (temp key, then one copy); on any error nothing is published."""
+    key by `Root.publish_file`; on any error nothing is published."""
 
     def __init__(self, root: storage.Root, key: str, schema: pa.Schema) -> None:
         self.local_dir = tempfile.TemporaryDirectory(prefix="discomv-part-")
