@@ -188,11 +188,14 @@ def test_kill_mid_manifest_append_on_a_bucket_leaves_no_torn_part(s3_server):
     appends after the kill go on from there."""
     root = s3_server.bucket("manifest-kill") + "/m"
     acknowledged = 0
-    for delay in (1.5, 2.7, 4.1):
+    for target, extra_s in ((3, 0.05), (MERGE_FANIN + 4, 0.15), (2 * MERGE_FANIN - 1, 0.0)):
         proc = subprocess.Popen([sys.executable, "-c", APPENDER, root], stdout=subprocess.PIPE, start_new_session=True)
-        time.sleep(delay)
+        done = 0
+        while done < target and proc.stdout.readline():  # appends it has acknowledged (EOF: it died)
+            done += 1
+        time.sleep(extra_s)  # the next append is under way (after the third target: the one that merges)
         kill_group(proc)
-        acknowledged = max(acknowledged, len(proc.stdout.read().split()))
+        acknowledged = max(acknowledged, done + len(proc.stdout.read().split()))
         store = ManifestStore(root)
         for part in store.parts("s"):  # every part under a final name reads whole
             assert store._parquet(part).read().num_rows % 4 == 0
