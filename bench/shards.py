@@ -11,6 +11,12 @@ fsync) weigh what they weigh in a real run. The stage runs twice per round: as c
 (fsync) and with `shards.fsync=false`, the durability `tar` has. Rounds rotate which goes first;
 best and median are shown, and CPU seconds (all the stage's threads; tar's own), which other load
 on the machine disturbs much less than wall time.
+
+A second row: the stage with `run.shard_root` on an S3 bucket (moto's server on 127.0.0.1, the real
+s3fs client) vs s3fs `put` of the same tar bytes to the same server, in the same run. The stage
+streams each shard to its key as a multipart upload (completed once the tar is whole) while it
+builds it, then uploads its sidecar and the index; `put` only uploads finished tars — the floor of
+getting the bytes into the bucket.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from stages.shards import Shards, ShardsConfig  # noqa: E402
 
 CLIPS = int(os.environ.get("BENCH_CLIPS", "2000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "9"))
+S3_ROUNDS = int(os.environ.get("BENCH_S3_ROUNDS", "3"))
 
 
 def make_rows(folder: Path, clips: int) -> list[dict]:
@@ -145,6 +152,43 @@ def run_rounds(rows: list[dict], work: Path) -> dict[str, list[float]]:
     return figures
 
 
+def bucket_rounds(rows: list[dict], work: Path) -> dict[str, list[float]]:
+    """Per round, MB/s: the stage writing to a bucket, and s3fs `put` of the same tars (turns rotate)."""
+    import s3fs
+
+    from pipeline.tools.s3server import MotoServer
+
+    figures: dict[str, list[float]] = {"stage": [], "put": []}
+    with MotoServer() as server:
+        fs = s3fs.S3FileSystem()
+        for i in range(S3_ROUNDS):
+            url = server.bucket(f"bench-shards-{i}")
+            for which in (["stage", "put"] if i % 2 == 0 else ["put", "stage"]):
+                if which == "stage":
+                    stage = Shards(ShardsConfig(), RunConfig(shard_root=f"{url}/stage"))
+                    stage.setup()
+                    stage.process(rows[:2])  # warm-up, as bench_stage
+                    before = sum(fs.size(p) for p in fs.glob(f"{url}/stage/*.tar"))
+                    started = time.perf_counter()
+                    results = stage.process(rows[2:])
+                    seconds = time.perf_counter() - started
+                    assert all(r.status == "ok" for r in results)
+                    fs.invalidate_cache()
+                    size = sum(fs.size(p) for p in fs.glob(f"{url}/stage/*.tar")) - before
+                else:
+                    local = work / "put"
+                    if not local.exists():  # the same tar bytes, made once (untimed)
+                        bench_stage(rows, local)
+                    tars = sorted(local.glob("*.tar"))
+                    size = sum(p.stat().st_size for p in tars)
+                    started = time.perf_counter()
+                    fs.put([str(p) for p in tars], f"{url}/put/")
+                    seconds = time.perf_counter() - started
+                figures[which].append(size / 1e6 / seconds)
+            fs.rm(url, recursive=True)  # moto keeps objects in memory
+    return figures
+
+
 def main() -> None:
     print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +197,7 @@ def main() -> None:
         rows = make_rows(work / "art", CLIPS)
         megabytes = sum(Path(r[c]).stat().st_size for r in rows for c in ("tokens_path", "features_path")) / 1e6
         figures = run_rounds(rows, work)
+        bucket = bucket_rounds(rows, work)
     best = {name: max(values) for name, values in figures.items()}
     med = {name: statistics.median(values) for name, values in figures.items()}
     print(f"{CLIPS} clips (tokens 4×500 int16 + hiera 96×768 float16 + beats + json; {megabytes:.0f} MB of .npy), "
@@ -180,6 +225,12 @@ def main() -> None:
            f"{med['stage'] / med['tar_fsync']:.0%}; with shards.fsync=false {med['stage_nofsync'] / med['tar']:.0%} "
            f"of tar); best-of ratio {best['stage'] / best['tar']:.0%}; "
            f"MB per CPU second {med['stage_cpu'] / med['tar_cpu']:.0%} of tar's")
+    stage_s3, put_s3 = statistics.median(bucket["stage"]), statistics.median(bucket["put"])
+    print(f"\nto an S3 bucket (moto on 127.0.0.1), MB/s per round: stage {', '.join(f'{v:.0f}' for v in bucket['stage'])}; "
+          f"s3fs put {', '.join(f'{v:.0f}' for v in bucket['put'])}")
+    record("shards to s3://", f"{stage_s3:.0f} MB/s", f"s3fs `put` {put_s3:.0f} MB/s", round(stage_s3 / put_s3, 3),
+           f"median of {S3_ROUNDS} rounds, {CLIPS} clips, moto's S3 server on 127.0.0.1 (both bound by it); the stage "
+           "streams each shard as a multipart upload while building it, then sidecar and index; put uploads finished tars")
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import storage
 from pipeline.options import ConfigError, RunConfig, check_choices, field_meta
 
 __all__ = ["Config", "describe", "load_config", "load_config_dict", "load_section"]
@@ -59,13 +60,24 @@ def load_config_dict(registry: Registry, raw: dict[str, Any]) -> Config:
             raise ConfigError(f"unknown config section '{name}'{_hint(name, sections)}")
     built = {name: _build(name, cls, raw.get(name) or {}) for name, cls in sections.items()}
     run = built.pop("run")
+    _check_roots(run)
+    storage.configure(run.storage_options)
     _check_restated(built)
     return Config(run=run, stages=built, registry=dict(registry))
 
 
 def load_section(name: str, cls: type, raw: dict[str, Any]) -> tuple[RunConfig, Any]:
     """`run` and one stage's options from a config dict: what a worker needs to build its stage."""
-    return _build("run", RunConfig, raw.get("run") or {}), _build(name, cls, raw.get(name) or {})
+    run = _build("run", RunConfig, raw.get("run") or {})
+    storage.configure(run.storage_options)
+    return run, _build(name, cls, raw.get(name) or {})
+
+
+def _check_roots(run: RunConfig) -> None:
+    if storage.is_remote(run.media_root):
+        raise ConfigError(
+            f"config key 'run.media_root' is {run.media_root!r}: media must be a local folder for now "
+            "(run.manifest_root and run.shard_root may be object-store URIs; docs/storage.md)")
 
 
 def _check_restated(sections: dict[str, Any]) -> None:
@@ -137,6 +149,10 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"config key '{name}': bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{name}' must be a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if isinstance(value, str):

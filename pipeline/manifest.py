@@ -1,7 +1,10 @@
 """Parquet manifest store: `<root>/<stage>/part-*.parquet`, one row per key per stage run.
 
 Part files are written to a temp name, fsynced and renamed, so a kill leaves either a whole part
-or none. Readers take the latest row per key; `compact` rewrites a stage into one part.
+or none. Readers take the latest row per key; `compact` rewrites a stage into one part. On an object
+store (`s3://…` root) a part is written whole to a local temp file, then published by one upload
+(S3) or a temp key and a copy (other backends; pipeline/storage.py): visible whole or not at all;
+readers list only `part-*.parquet`, never `*.tmp`.
 
 At DISCO-10M scale (15.3M candidates, a download part every 16 rows) nothing here may hold a stage
 as Python objects or concatenate every part: readers are duckdb SQL over the part files (latest row
@@ -27,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.stage import FAILED, OK
 
 COMMON_FIELDS = [
@@ -47,6 +51,8 @@ MERGE_FANIN = 16  # parts of one level merged into one part of the next
 COMPACT_LEVEL = 9  # a compacted part is merged again only when 16 of them pile up
 WRITE_ROWS = 65_536  # rows per row group when merging or compacting
 _LEVEL = re.compile(r"-L(\d+)$")
+_REMOTE: dict[str, storage.Root] = {}  # protocol → the last remote root opened: duckdb reads it
+Part = Path | str  # a local part file, or the URL of a remote one
 
 
 def full_schema(stage_schema: pa.Schema) -> pa.Schema:
@@ -62,15 +68,44 @@ def params_hash(params: dict[str, Any]) -> str:
 
 
 class ManifestStore:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.remote: storage.Root | None = None
+        if storage.is_remote(root):
+            self.remote = storage.open_root(root, storage_options)
+            _REMOTE[self.remote.protocol] = self.remote
+            self.root: Any = self.remote.url
+        else:
+            self.root = storage.local_path(root)
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.root / stage
+    def stage_dir(self, stage: str) -> Path | str:
+        return self.remote.url_of(stage) if self.remote else self.root / stage
 
-    def parts(self, stage: str) -> list[Path]:
+    def parts(self, stage: str) -> list[Part]:
+        if self.remote:
+            names = [n for n in self.remote.names(stage) if n.startswith("part-") and n.endswith(".parquet")]
+            return [self.remote.url_of(stage, n) for n in names]
         d = self.stage_dir(stage)
         return sorted(d.glob("part-*.parquet")) if d.is_dir() else []
+
+    def _parquet(self, part: Part) -> pq.ParquetFile:
+        # 1 MiB reads remotely: a footer or a column chunk, not the client's default 50 MiB block
+        return pq.ParquetFile(self.remote.fs.open(part, "rb", block_size=1 << 20) if self.remote else part)
+
+    def _unlink(self, part: Part) -> None:
+        if self.remote:
+            self.remote.fs.rm_file(part)
+        else:
+            part.unlink()
+
+    def _sync(self, stage: str) -> None:
+        if not self.remote:
+            _fsync_dir(self.stage_dir(stage))
+
+    def _writer(self, stage: str, name: str, schema: pa.Schema) -> _AtomicPart:
+        """A part written whole under `name`: locally by rename, remotely by `Root.publish_file`."""
+        if self.remote:
+            return _RemotePart(self.remote, f"{stage}/{name}", schema)
+        return _AtomicPart(self.stage_dir(stage) / name, schema)
 
     def append(self, stage: str, schema: pa.Schema, rows: list[dict[str, Any]]) -> Path | None:
         """Durably add rows as one new part file (temp name, fsync, rename, fsync dir), then merge
@@ -79,12 +114,13 @@ class ManifestStore:
             return None
         table = pa.Table.from_pylist(rows, schema=schema)
         d = self.stage_dir(stage)
-        d.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            d.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        with _AtomicPart(d / name, table.schema) as out:
+        with self._writer(stage, name, table.schema) as out:
             out.write(table)
         self.merge(stage)
-        return d / name
+        return f"{d}/{name}" if self.remote else d / name
 
     def merge(self, stage: str, fanin: int = MERGE_FANIN) -> int:
         """Merge each run of `fanin` consecutive parts of one level (every row, history kept) into
@@ -101,16 +137,17 @@ class ManifestStore:
                 i += 1
                 continue
             run = parts[i:i + fanin]
-            base = _LEVEL.sub("", run[-1].name.removesuffix(".parquet"))
-            target = run[-1].with_name(f"{base}-L{levels[i] + 1}.parquet")
-            with _AtomicPart(target, self.schema(stage, run)) as out:
+            base = _LEVEL.sub("", part_name(run[-1]).removesuffix(".parquet"))
+            target_name = f"{base}-L{levels[i] + 1}.parquet"
+            with self._writer(stage, target_name, self.schema(stage, run)) as out:
                 for p in run:
-                    for batch in pq.ParquetFile(p).iter_batches(batch_size=WRITE_ROWS):
+                    for batch in self._parquet(p).iter_batches(batch_size=WRITE_ROWS):
                         out.write(pa.Table.from_batches([batch]))
             for p in run:  # the merged part is durable: the old ones may go (a kill here: duplicates)
-                if p != target:
-                    p.unlink()
-            _fsync_dir(self.stage_dir(stage))
+                if part_name(p) != target_name:
+                    self._unlink(p)
+            self._sync(stage)
+            target = f"{self.stage_dir(stage)}/{target_name}" if self.remote else self.stage_dir(stage) / target_name
             parts[i:i + fanin], levels[i:i + fanin] = [target], [levels[i] + 1]
             merges, i = merges + 1, max(0, i - fanin)
         return merges
@@ -120,7 +157,7 @@ class ManifestStore:
         parts = self.parts(stage) if parts is None else parts
         if not parts:
             return None
-        return pa.unify_schemas([pq.read_schema(p) for p in parts], promote_options="permissive")
+        return pa.unify_schemas([self._parquet(p).schema_arrow for p in parts], promote_options="permissive")
 
     def latest_sql(self, stage: str, columns: list[str] | None = None) -> str | None:
         """SQL for the latest row per key (by finished_at, a null being newest as in a sort with
@@ -145,7 +182,7 @@ class ManifestStore:
         parts = self.parts(stage)
         if not parts:
             return None
-        tables = [pq.read_table(p) for p in parts]
+        tables = [self._parquet(p).read() for p in parts]
         return pa.concat_tables(tables, promote_options="permissive")
 
     def latest(self, stage: str) -> pa.Table | None:
@@ -209,33 +246,44 @@ class ManifestStore:
             with connect() as con:
                 return 1, con.execute(f"SELECT count(*) FROM {self.latest_sql(stage, ['key'])}").fetchone()[0]
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-L{COMPACT_LEVEL}.parquet"
-        new = self.stage_dir(stage) / name
         rows = 0
-        with connect() as con, _AtomicPart(new, schema) as out:
+        with connect() as con, self._writer(stage, name, schema) as out:
             rel = con.sql(f"SELECT * FROM {self.latest_sql(stage, schema.names)} ORDER BY key")
             for batch in rel.to_arrow_reader(WRITE_ROWS):
                 out.write(conform(pa.Table.from_batches([batch]), schema))
                 rows += batch.num_rows
         for p in old:
-            if p != new:
-                p.unlink()
+            if part_name(p) != name:
+                self._unlink(p)
         self._remove_temp(stage)
-        _fsync_dir(self.stage_dir(stage))
+        self._sync(stage)
         return len(old), rows
 
     def _remove_temp(self, stage: str) -> None:
+        """Temp files (and, remotely, temp keys) a killed writer left behind."""
+        if self.remote:
+            for name in self.remote.names(stage):
+                if name.endswith(TMP_SUFFIX):
+                    self.remote.remove(stage, name)
+            return
         d = self.stage_dir(stage)
         if d.is_dir():
             for p in d.glob(f"*{TMP_SUFFIX}"):
                 p.unlink()
 
     def stages(self) -> Iterable[str]:
+        if self.remote:
+            return self.remote.folders()
         return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
 
 
-def part_level(path: Path) -> int:
+def part_name(part: Part) -> str:
+    return part.name if isinstance(part, Path) else part.rsplit("/", 1)[-1]
+
+
+def part_level(path: Part) -> int:
     """0 for a part as written, n for one made by merging parts of level n-1."""
-    found = _LEVEL.search(path.name.removesuffix(".parquet"))
+    found = _LEVEL.search(part_name(path).removesuffix(".parquet"))
     return int(found.group(1)) if found else 0
 
 
@@ -248,6 +296,7 @@ def connect() -> Any:
         "memory_limit": os.environ.get("DISCOMV_DUCKDB_MEMORY", "1GB"),
         "temp_directory": os.path.join(tempfile.gettempdir(), f"discomv-duckdb-{os.getpid()}"),
     })
+    storage.duckdb_register(con, list(_REMOTE.values()))
     return con
 
 
@@ -300,6 +349,24 @@ class _AtomicPart:
             return
         os.replace(self.tmp, self.final)
         _fsync_dir(self.final.parent)
+
+
+class _RemotePart(_AtomicPart):
+    """A part written whole to a local temp file, then published to the object store under its
+    key by `Root.publish_file`; on any error nothing is published."""
+
+    def __init__(self, root: storage.Root, key: str, schema: pa.Schema) -> None:
+        self.local_dir = tempfile.TemporaryDirectory(prefix="discomv-part-")
+        super().__init__(Path(self.local_dir.name) / key.rsplit("/", 1)[-1], schema)
+        self.root, self.key = root, key
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        try:
+            super().__exit__(kind, *rest)
+            if kind is None:
+                self.root.publish_file(self.final, self.key)
+        finally:
+            self.local_dir.cleanup()
 
 
 def _quote(name: str) -> str:

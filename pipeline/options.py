@@ -77,9 +77,15 @@ class ModelWorkerOptions(WorkerOptions):
 
 @dataclass
 class RunConfig:
-    manifest_root: str = option("manifests", "where stage manifests (Parquet part files) go")
-    media_root: str = option("media", "where downloaded and derived media go")
-    shard_root: str = option("shards", "where WebDataset shards go")
+    manifest_root: str = option("manifests", "where stage manifests (Parquet part files) go: a folder or a "
+                                "URI (s3://bucket/prefix)")
+    media_root: str = option("media", "where downloaded and derived media go (a local folder)")
+    shard_root: str = option("shards", "where WebDataset shards go: a folder or a URI (s3://bucket/prefix)")
+    storage_options: dict[str, Any] = option(
+        {}, "fsspec options for roots given as URIs (s3://bucket/prefix, gs://…), e.g. endpoint_url, "
+        "anon, client_kwargs; credentials are better left to the client's environment (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE). Never written to manifests or logs "
+        "(docs/storage.md)", output=False)
     models_root: str = option("models", "local weights folder (also $DISCOMV_MODELS)")
     weights: str = option(
         "pretrained",

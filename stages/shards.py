@@ -7,6 +7,11 @@ size-bounded shards split by artist, a temp name renamed only when the shard is 
 computed while writing, and a sidecar index per shard so a re-run after a kill finds finished
 samples instead of writing them twice. A write error (disk full) fails the rows of the shard being
 written and the rest of its split, naming the error, and leaves no partial tar behind.
+
+With `run.shard_root` on S3 (`s3://bucket/prefix`) each shard streams to its final key as a
+multipart upload completed only when the tar is whole, and its sidecar is uploaded last; on other
+object stores it is staged in a local file (one at a time) and uploaded whole (pipeline/webds/index.py,
+docs/storage.md).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import struct
 import subprocess
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +32,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.options import ConfigError, option
 from pipeline.stage import Resources, Result, Row, Stage
 from pipeline.timeline import STEPS
 from pipeline.webds.index import (
     ShardInfo,
+    ShardRoot,
     next_shard_number,
     read_shards,
     sidecar_path,
@@ -92,8 +100,14 @@ class Shards(Stage):
         return {**super().params(), "heldout": _file_digest(self.config.heldout_keys)}
 
     def setup(self) -> None:
-        self.root = Path(self.run.shard_root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root: ShardRoot
+        if storage.is_remote(self.run.shard_root):
+            self.root = storage.open_root(self.run.shard_root)
+            self.staging = staging_dir(self.root.url)
+        else:
+            self.root = storage.local_path(self.run.shard_root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.staging = self.root
         self.heldout = _read_keys(self.config.heldout_keys)
 
     def process(self, rows: list[Row]) -> list[Result]:
@@ -161,9 +175,8 @@ class Shards(Stage):
         """Fill one shard from `samples` (up to max_samples / max_bytes), publish it under its final
         name and return the approximate bytes per key. `info.keys` lists every key taken, even when
         a write error is raised part-way."""
-        tmp = self.root / (info.shard + ".tmp")
         sizes = {}
-        with TarShardWriter(tmp, durable=self.config.fsync) as writer:
+        with self.open_writer(info) as writer:
             while (item := samples.peek()) and len(info.keys) < self.config.max_samples:
                 key, sample = item
                 size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")
@@ -174,9 +187,23 @@ class Shards(Stage):
                 sizes[key] = size
                 writer.write(sample)
             info.bytes, info.sha256 = writer.close()
-        publish(self.root, tmp, info)
+        publish(self.root, None if writer.sink else writer.path, info)
         log.info("shards: wrote %s (%d samples, %.1f MB)", info.shard, info.num_samples, info.bytes / 1e6)
         return sizes
+
+
+    def open_writer(self, info: ShardInfo) -> TarShardWriter:
+        """On S3 the tar streams straight to its final key as a multipart upload, completed by
+        `close()` once the last byte is in (aborted on an error; a kill leaves it unfinished, which S3
+        never shows), so uploading overlaps building; elsewhere, a temp file (local, or staged for
+        an upload)."""
+        if isinstance(self.root, storage.Root) and self.root.protocol in storage.ATOMIC_UPLOAD:
+            sink = self.root.fs.open(self.root.key(info.shard), "wb", block_size=UPLOAD_PART_BYTES)
+            return TarShardWriter(Path(info.shard), sink=sink)
+        return TarShardWriter(self.staging / (info.shard + ".tmp"), durable=self.config.fsync)
+
+
+UPLOAD_PART_BYTES = 16 << 20  # a multipart upload's part: S3's minimum is 5 MiB; smaller parts overlap more
 
 
 class SampleQueue:
@@ -208,9 +235,34 @@ class SampleQueue:
         return len(self.rows) + (self.head is not None)
 
 
-def publish(root: Path, tmp: Path, info: ShardInfo) -> None:
+def staging_dir(url: str) -> Path:
+    """This node's local folder for the shard being written to a remote root: one per root (the
+    stage has one writer), emptied of what a killed writer left, so it holds one shard at most."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"discomv-shards-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.tmp"):
+        stale.unlink(missing_ok=True)
+    return folder
+
+
+def publish(root: ShardRoot, tmp: Path | None, info: ShardInfo) -> None:
     """Sidecar first, then the tar: a tar under a final name always has its index entry. On an
-    error neither the temp tar nor a sidecar without its tar is left behind."""
+    error neither the temp tar nor a sidecar without its tar is left behind. Remotely the tar goes
+    up first (from `tmp`; or, with `tmp` None, already uploaded by the writer) and its sidecar last
+    (a finished shard is one with a sidecar)."""
+    if isinstance(root, storage.Root):
+        try:
+            if tmp is not None:
+                root.publish_file(tmp, info.shard)
+            write_sidecar(root, info)
+        except OSError:
+            root.remove(info.shard)
+            raise
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        return
     try:
         write_sidecar(root, info)
         os.replace(tmp, root / info.shard)

@@ -204,3 +204,14 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     proc = subprocess.run(_demo_command(out, port), capture_output=True, text=True, timeout=900, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return DemoRun(out, port, proc.returncode, proc.stdout, proc.stderr)
+
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 (its own process) with the AWS_* variables pointing
+    at it for this process and every process it starts; stopped at the end of the session."""
+    from pipeline.tools.s3server import MotoServer
+
+    with MotoServer() as server:
+        yield server

@@ -38,23 +38,52 @@ class DataConfig:
 
 
 def list_shards(root: str, split: str) -> list[str]:
-    """Shard URLs for one split, sorted; local paths or fsspec URIs."""
+    """Shard URLs for one split, sorted; local paths or fsspec URIs. Only shards with a sidecar are
+    finished (on an object store the sidecar is written last, docs/storage.md)."""
     if "://" not in root:
         return [str(p) for p in sorted(Path(root).glob(f"{split}-*.tar"))]
     import fsspec
 
     fs, _, (path,) = fsspec.get_fs_token_paths(root)
     protocol = root.split("://", 1)[0]
-    return [f"{protocol}://{p}" for p in sorted(fs.glob(f"{path.rstrip('/')}/{split}-*.tar"))]
+    open_with_fsspec(protocol)
+    names = set(fs.ls(path.rstrip("/"), detail=False, refresh=True))
+    tars = sorted(fs.glob(f"{path.rstrip('/')}/{split}-*.tar"))
+    return [f"{protocol}://{p}" for p in tars if p.removesuffix(".tar") + ".json" in names]
+
+
+def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
+    """webdataset's opener for a URL scheme it has no handler of its own for: fsspec's file."""
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def open_with_fsspec(protocol: str) -> None:
+    """Let webdataset open `protocol://` shards (s3, gs, …) through fsspec, in whichever process
+    reads them; its own schemes (pipe:, http:, gs: via gsutil) are kept."""
+    import importlib
+
+    schemes = importlib.import_module("webdataset.gopen").gopen_schemes  # the module (the package exports its function)
+    schemes.setdefault(protocol, gopen_fsspec)
 
 
 def count_samples(root: str, split: str) -> int | None:
-    """Samples in a split from `index.parquet` beside the shards, if there is one."""
-    if "://" in root or not (Path(root) / "index.parquet").is_file():
-        return None
+    """Samples in a split from `index.parquet` beside the shards (a folder or fsspec URI), if there is one."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(Path(root) / "index.parquet", columns=["split", "num_samples"]).to_pydict()
+    if "://" in root:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(f"{root.rstrip('/')}/index.parquet")
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["split", "num_samples"]).to_pydict()
+    elif not (Path(root) / "index.parquet").is_file():
+        return None
+    else:
+        table = pq.read_table(Path(root) / "index.parquet", columns=["split", "num_samples"]).to_pydict()
     return sum(n for s, n in zip(table["split"], table["num_samples"], strict=True) if s == split)
 
 
@@ -112,6 +141,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield from _epoch_dataset(self.urls, self.cfg.seed, epoch, self.cfg.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for protocol in {u.split("://", 1)[0] for u in self.urls if "://" in u}:  # a spawned DataLoader worker
+            open_with_fsspec(protocol)
         _, _, _, num_workers = wds.utils.pytorch_worker_info()
         # Skipping happens before decoding: a resume reads the raw bytes it passes over, nothing more.
         raw = islice(self._raw(), self.skip // max(1, num_workers), None)

@@ -224,7 +224,8 @@ def run_audit(args: argparse.Namespace, cfg) -> int:
                 if name not in skip and value not in (None, "", []):
                     console.print(f"    {name}: {value}", highlight=False)
         return 0
-    table = audit.print_audit(store, Path(args.out) if args.out else store.root / "audit.parquet")
+    default_out = Path("audit.parquet") if store.remote else store.root / "audit.parquet"  # a local file
+    table = audit.print_audit(store, Path(args.out) if args.out else default_out)
     if table is not None and (args.html or args.card):
         from pipeline.tools import report
 
@@ -238,14 +239,13 @@ def run_audit(args: argparse.Namespace, cfg) -> int:
 
 
 def run_verify(cfg) -> int:
-    from pathlib import Path
-
     from pipeline.manifest import ManifestStore
+    from pipeline.webds.index import shard_root
     from pipeline.webds.verify import verify
 
     store = ManifestStore(cfg.run.manifest_root)
     sharded = set(store.ok_keys("shards")) if store.latest("shards") is not None else None
-    report = verify(Path(cfg.run.shard_root), sharded)
+    report = verify(shard_root(cfg.run.shard_root), sharded)
     for fault in report.faults:
         print(f"FAULT {fault}")
     checked = "checked against the manifest" if sharded is not None else "no shards manifest to check against"
@@ -258,6 +258,7 @@ def run_takedown(cfg, keys: list[str], key_file: str | None) -> int:
     from pathlib import Path
 
     from pipeline.manifest import ManifestStore
+    from pipeline.webds.index import shard_root
     from pipeline.webds.takedown import mark_in_manifests, remove_from_shards
     from stages import STAGES
 
@@ -265,7 +266,7 @@ def run_takedown(cfg, keys: list[str], key_file: str | None) -> int:
     if not wanted:
         print("error: give keys or --file", file=sys.stderr)
         return 2
-    removed = remove_from_shards(Path(cfg.run.shard_root), wanted)
+    removed = remove_from_shards(shard_root(cfg.run.shard_root), wanted)
     for shard, gone in removed.items():
         print(f"{shard}: removed {len(gone)} samples")
     marked = mark_in_manifests(ManifestStore(cfg.run.manifest_root), wanted, list(STAGES))

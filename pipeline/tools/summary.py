@@ -38,7 +38,7 @@ def print_status(cfg: Config) -> None:
     from stages import STAGES
 
     store = ManifestStore(cfg.run.manifest_root)
-    table = Table(title=f"discomv manifests in {store.root.resolve()}")
+    table = Table(title=f"discomv manifests in {store.root if store.remote else store.root.resolve()}")
     for col in ("stage", "rows", "ok", "dropped", "failed", "reasons (top 5)"):
         table.add_column(col, justify="left" if col in ("stage", "reasons (top 5)") else "right")
     for name in STAGES:

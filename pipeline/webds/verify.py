@@ -7,9 +7,11 @@ import hashlib
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+from pipeline.storage import Root
 from pipeline.timeline import STEPS
-from pipeline.webds.index import ShardInfo, read_shards
+from pipeline.webds.index import ShardInfo, ShardRoot, read_shards, shard_names
 from pipeline.webds.sample import ShardError, check_sample, split_member
 
 
@@ -24,52 +26,61 @@ class VerifyReport:
         return not self.faults
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path | BinaryIO) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, Path) else path as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def verify_shard(path: Path, info: ShardInfo, frames: int) -> tuple[list[str], list[str]]:
+def open_shard(root: ShardRoot, name: str) -> BinaryIO:
+    return root.open(name) if isinstance(root, Root) else open(root / name, "rb")
+
+
+def verify_shard(root: ShardRoot, info: ShardInfo, frames: int) -> tuple[list[str], list[str]]:
     """(keys found, faults) for one shard: checksum, member names, arrays, completeness."""
     faults = []
-    if path.stat().st_size != info.bytes or sha256_of(path) != info.sha256:
-        faults.append(f"{path.name}: sha256/size mismatch with its index entry (corrupted or modified)")
+    name = info.shard
+    if isinstance(root, Root):  # one streaming read for the checksum, one for the members
+        size, digest = root.size(name), sha256_of(root.open(name))
+    else:
+        size, digest = (root / name).stat().st_size, sha256_of(root / name)
+    if size != info.bytes or digest != info.sha256:
+        faults.append(f"{name}: sha256/size mismatch with its index entry (corrupted or modified)")
     samples: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_shard(root, name) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
-                    faults.append(f"{path.name}: non-file member {member.name!r}")
+                    faults.append(f"{name}: non-file member {member.name!r}")
                     continue
                 try:
                     key, ext = split_member(member.name)
                 except ShardError as e:
-                    faults.append(f"{path.name}: {e}")
+                    faults.append(f"{name}: {e}")
                     continue
                 samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
-        faults.append(f"{path.name}: unreadable tar ({e})")
+        faults.append(f"{name}: unreadable tar ({e})")
     for key, members in samples.items():
-        faults += [f"{path.name}:{key}: {p}" for p in check_sample(members, frames)]
+        faults += [f"{name}:{key}: {p}" for p in check_sample(members, frames)]
     if sorted(samples) != sorted(info.keys):
-        faults.append(f"{path.name}: keys in the tar differ from its index entry")
+        faults.append(f"{name}: keys in the tar differ from its index entry")
     return list(samples), faults
 
 
-def verify(root: Path, sharded_keys: set[str] | None = None, frames: int = STEPS) -> VerifyReport:
+def verify(root: ShardRoot, sharded_keys: set[str] | None = None, frames: int = STEPS) -> VerifyReport:
     """Re-read every shard; with `sharded_keys` (from the manifest), also check that each is in
     exactly one shard and that no shard holds a key the manifest doesn't list."""
     report = VerifyReport()
     shards = read_shards(root)
-    on_disk = {p.name for p in root.glob("*.tar")} if root.is_dir() else set()
+    on_disk = set(shard_names(root))
     for orphan in sorted(on_disk - set(shards)):
         report.faults.append(f"{orphan}: tar without an index entry (sidecar)")
     seen: dict[str, list[str]] = {}
     for name, info in sorted(shards.items()):
-        keys, faults = verify_shard(root / name, info, frames)
+        keys, faults = verify_shard(root, info, frames)
         report.shards += 1
         report.samples += len(keys)
         report.faults += faults

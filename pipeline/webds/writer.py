@@ -3,6 +3,7 @@ hashed while written, with the files of a sample copied in as they are."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -114,10 +115,14 @@ class TarShardWriter:
     QUEUED_BATCHES = 3
     WRITEBACK_BYTES = 8 << 20  # when durable, ask the kernel to start writing back every this many bytes
 
-    def __init__(self, path: Path, durable: bool = True) -> None:
+    def __init__(self, path: Path, durable: bool = True, sink: Any = None) -> None:
+        """`sink`: instead of the file at `path`, a writable file object that publishes its bytes
+        only on `close()` and drops them on `discard()` (an s3fs file: a multipart upload, completed
+        at the end or aborted); the upload then overlaps building the next samples."""
         self.path = path
         self.durable = durable
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.sink = sink
+        self.fd = -1 if sink is not None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.sha = hashlib.sha256()
         self.sent_bytes = 0
         self.written_bytes = 0  # by the writer thread
@@ -171,12 +176,15 @@ class TarShardWriter:
                 raise self.error
             if self.written_bytes != self.sent_bytes:  # the writer thread died without a word
                 raise OSError(errno.EIO, f"{self.path.name}: {self.written_bytes} of {self.sent_bytes} bytes written")
-            if self.durable:
+            if self.sink is not None:
+                self.sink.close()  # completes the upload: the object appears whole
+            elif self.durable:
                 os.fsync(self.fd)
         except BaseException:
             self.abort()
             raise
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
         self.fd = -1
         self.finished = True
         return self.size, self.sha.hexdigest()
@@ -189,6 +197,10 @@ class TarShardWriter:
         self._stop()
         release(self.batch)
         self.batch = []
+        if self.sink is not None:
+            with contextlib.suppress(Exception):  # best effort: an unfinished upload is invisible anyway
+                self.sink.discard()
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -256,6 +268,10 @@ class TarShardWriter:
         self.free.put(buffer)
 
     def _write(self, buffer: memoryview) -> None:
+        if self.sink is not None:
+            self.sink.write(buffer)
+            self.written_bytes += len(buffer)
+            return
         write_all(self.fd, buffer)
         self.written_bytes += len(buffer)
         pending = self.written_bytes - self.writeback_from

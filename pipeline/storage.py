@@ -1,0 +1,162 @@
+"""Roots as local folders or object-store URIs (`s3://bucket/prefix`, `gs://…`, `file://…`) through
+fsspec, and publication that keeps all-or-nothing visibility where rename is not atomic.
+
+A remote object is written whole to a local file first, then published: on S3 by one s3fs upload
+(a PUT, or a multipart upload completed only after its last part: S3 shows the object whole or not
+at all); on other backends under a temp key (`<key>.tmp`, which every reader ignores) and then one
+copy to the final key. Nothing streams into a final key, where a client's `close()` on an error
+could complete a partial upload. See docs/storage.md.
+
+Credentials and endpoint come from the client's own environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, …) and `run.storage_options` (fsspec's
+keyword arguments, e.g. `endpoint_url`, `key`, `secret`). They are never part of a root's URL, a
+manifest row or a log line: `Root.url` is the URL as configured, and options are held apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".tmp"
+# Protocols whose client uploads a file whole or not at all: s3fs sends one PUT, or a multipart upload
+# it completes only after every part is in and aborts on an error; S3 shows an object only once its PUT
+# or CompleteMultipartUpload returns. Other fsspec backends go through a temp key and a copy.
+ATOMIC_UPLOAD = frozenset({"s3", "s3a"})
+OPTIONS_ENV = "DISCOMV_STORAGE_OPTIONS"  # JSON: storage options for processes this one starts (Ray workers)
+_options: dict[str, Any] = {}
+
+
+def is_remote(root: str | os.PathLike) -> bool:
+    """A URL other than `file://`: the root is not a local folder."""
+    text = str(root)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(root: str | os.PathLike) -> Path:
+    """A local root as a Path (`file://` stripped)."""
+    text = str(root)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def configure(options: Mapping[str, Any] | None) -> None:
+    """Storage options for every root this process (and the processes it starts) opens."""
+    global _options
+    _options = dict(options or {})
+    if _options:
+        os.environ[OPTIONS_ENV] = json.dumps(_options)
+    else:
+        os.environ.pop(OPTIONS_ENV, None)
+
+
+def storage_options() -> dict[str, Any]:
+    if _options:
+        return dict(_options)
+    raw = os.environ.get(OPTIONS_ENV)
+    return json.loads(raw) if raw else {}
+
+
+@dataclass(frozen=True)
+class Root:
+    """A remote root: its fsspec filesystem and the path under it. Names below it are '/'-joined."""
+
+    url: str
+    fs: Any = field(repr=False, compare=False)
+    path: str
+
+    @property
+    def protocol(self) -> str:
+        return self.url.split("://", 1)[0]
+
+    def key(self, *parts: str) -> str:
+        """The filesystem path of `parts` under the root."""
+        return posixpath.join(self.path, *parts) if parts else self.path
+
+    def url_of(self, *parts: str) -> str:
+        return f"{self.protocol}://{self.key(*parts)}"
+
+    def names(self, *sub: str) -> list[str]:
+        """Names of the files directly under `sub` (temp keys included), sorted; [] when none."""
+        try:
+            entries = self.fs.ls(self.key(*sub), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file")
+
+    def folders(self, *sub: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self.key(*sub), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+    def size(self, *parts: str) -> int:
+        return int(self.fs.size(self.key(*parts)))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.key(*parts))
+
+    def open(self, *parts: str, block_size: int = 8 << 20) -> Any:
+        return self.fs.open(self.key(*parts), "rb", block_size=block_size)
+
+    def remove(self, *parts: str) -> None:
+        try:
+            self.fs.rm_file(self.key(*parts))
+        except FileNotFoundError:
+            pass
+
+    def publish_file(self, local: Path, name: str) -> None:
+        """Make `name` the whole of the local file `local`, or leave it as it was: upload under a
+        temp key, then one copy to the final key (see the module's docstring); where the client's
+        upload is itself all-or-nothing (ATOMIC_UPLOAD), one upload straight to the final key."""
+        if self.protocol in ATOMIC_UPLOAD:
+            self.fs.put_file(str(local), self.key(name))
+            return
+        tmp = self.key(name + TMP_SUFFIX)
+        try:
+            self.fs.put_file(str(local), tmp)
+            self.fs.copy(tmp, self.key(name))
+        finally:
+            try:
+                self.fs.rm_file(tmp)
+            except FileNotFoundError:
+                pass
+
+    def publish_bytes(self, data: bytes, name: str) -> None:
+        if self.protocol in ATOMIC_UPLOAD:
+            self.fs.pipe_file(self.key(name), data)
+            return
+        tmp = self.key(name + TMP_SUFFIX)
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.copy(tmp, self.key(name))
+        finally:
+            try:
+                self.fs.rm_file(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def open_root(url: str | os.PathLike, options: Mapping[str, Any] | None = None) -> Root:
+    """The filesystem of a remote root, from fsspec with `options` (default: `configure`'s)."""
+    import fsspec
+
+    text = str(url).rstrip("/")
+    opts = storage_options() if options is None else dict(options)
+    fs, path = fsspec.core.url_to_fs(text, **opts)
+    return Root(url=text, fs=fs, path=path.rstrip("/"))
+
+
+def duckdb_register(con: Any, roots: list[Root]) -> None:
+    """Let a duckdb connection read the roots' URLs through their fsspec filesystems (no httpfs
+    extension needed, so nothing is downloaded at run time)."""
+    seen = set()
+    for root in roots:
+        if root.protocol not in seen:
+            seen.add(root.protocol)
+            con.register_filesystem(root.fs)

@@ -1,0 +1,296 @@
+"""Roots on object storage: a real S3 API (moto's server on 127.0.0.1, started by the `s3_server`
+fixture) through the real clients (s3fs, boto3). Manifests, shards, verify/takedown/audit and the
+trainer on `s3://` URIs keep the guarantees they have on local disk (docs/storage.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from test_resume import kill_group
+from test_shards import clip_rows
+
+from pipeline.manifest import MERGE_FANIN, ManifestStore, full_schema
+from pipeline.options import RunConfig
+from pipeline.webds.index import read_shards, shard_root
+from pipeline.webds.takedown import mark_in_manifests, remove_from_shards
+from pipeline.webds.verify import verify
+from stages.shards import Shards, ShardsConfig
+from trainer.data import list_shards
+
+SCHEMA = full_schema(pa.schema([("score", pa.float64())]))
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def row(key: str, status: str = "ok", minutes: int = 0, score: float = 0.0) -> dict:
+    return {"key": key, "status": status, "reason": "", "stage_version": "1", "params_hash": "p", "weights": "none",
+            "run_id": "r", "finished_at": T0 + timedelta(minutes=minutes), "elapsed_s": 0.1, "node": "n",
+            "score": score}
+
+
+def objects(url: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return sorted(fs.find(url))
+
+
+def test_manifest_on_a_bucket_appends_merges_and_compacts(s3_server):
+    root = s3_server.bucket("manifest-basic") + "/manifests"
+    store = ManifestStore(root)
+    assert store.latest("s") is None and list(store.stages()) == []
+    store.append("s", SCHEMA, [row("a", "failed", 0), row("b", "ok", 0)])
+    store.append("s", SCHEMA, [row("a", "ok", 5, score=1.0)])
+    latest = {r["key"]: r for r in store.latest("s").to_pylist()}
+    assert latest["a"]["status"] == "ok" and latest["a"]["score"] == 1.0 and set(latest) == {"a", "b"}
+    assert store.done_keys("s", "1", "p") == {"a", "b"} and store.ok_keys("s") == ["a", "b"]
+    for i in range(MERGE_FANIN):  # 18 parts in all: 16 of level 0 merge into one of level 1
+        store.append("s", SCHEMA, [row(f"k{i:02d}", minutes=i)])
+    assert len(store.parts("s")) == 3 and store.read("s").num_rows == 3 + MERGE_FANIN
+    assert list(store.stages()) == ["s"]
+    # a temp key a killed writer left is invisible to readers and removed by compaction
+    import s3fs
+
+    s3fs.S3FileSystem().pipe_file(f"{root}/s/part-99999999999999999999-deadbeef.parquet.tmp", b"half a part")
+    assert store.read("s").num_rows == 3 + MERGE_FANIN
+    assert store.compact("s") == (3, 2 + MERGE_FANIN)
+    assert [o.rsplit("/", 1)[-1].endswith("-L9.parquet") for o in objects(root)] == [True]
+    assert ManifestStore(root).latest("s").num_rows == 2 + MERGE_FANIN
+
+
+def shards_stage(shard_root: str, manifest_root: str, **options) -> Shards:
+    stage = Shards(ShardsConfig(**options), RunConfig(shard_root=shard_root, manifest_root=manifest_root))
+    stage.setup()
+    return stage
+
+
+def test_shards_on_a_bucket_verify_takedown_and_readers(s3_server, tmp_path: Path):
+    url = s3_server.bucket("shards-basic") + "/built/shards"
+    rows = clip_rows(tmp_path / "art")
+    stage = shards_stage(url, str(tmp_path / "m"), max_samples=10)
+    results = stage.process(rows)
+    assert [r.status for r in results] == ["ok"] * len(rows)
+    names = [o.rsplit("/", 1)[-1] for o in objects(url)]
+    assert "index.parquet" in names and not [n for n in names if n.endswith(".tmp")]
+    root = shard_root(url)
+    shards = read_shards(root)
+    assert sorted(k for info in shards.values() for k in info.keys) == sorted(r["key"] for r in rows)
+    report = verify(root, {r["key"] for r in rows})
+    assert report.ok and report.samples == len(rows), report.faults
+    assert shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows[:5]) and len(read_shards(root)) == len(shards)
+
+    # HF datasets and webdataset (through the trainer's fsspec opener) read the shards unmodified
+    from datasets import load_dataset
+
+    tars = [f"{url}/{name}" for name in sorted(shards)]
+    ds = load_dataset("webdataset", data_files={"s": tars}, split="s", cache_dir=str(tmp_path / "hf"))
+    assert sorted(ds["__key__"]) == sorted(r["key"] for r in rows)
+    first = next(s for s in ds if s["__key__"] == rows[0]["key"])
+    assert np.array_equal(np.asarray(first["tokens.npy"]), np.load(rows[0]["tokens_path"]))
+    assert sum(len(list_shards(url, split)) for split in ("train", "val", "test")) == len(shards)
+
+    # a corrupted object is caught, as on disk
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    victim = sorted(shards)[0]
+    data = bytearray(fs.cat_file(f"{url}/{victim}"))
+    data[2000] ^= 0xFF
+    fs.pipe_file(f"{url}/{victim}", bytes(data))
+    assert any("sha256" in f for f in verify(root).faults)
+    fs.pipe_file(f"{url}/{victim}", bytes(data[:2000]) + bytes([data[2000] ^ 0xFF]) + bytes(data[2001:]))
+    assert verify(root).ok
+
+    # takedown rewrites only the shards holding the video
+    store = ManifestStore(s3_server.bucket("shards-basic-m") + "/m")
+    now = datetime.now(timezone.utc)
+    store.append("shards", full_schema(Shards.schema), [
+        {"key": r.key, "status": "ok", "reason": "", "stage_version": "1", "params_hash": "p", "weights": "none",
+         "run_id": "r", "finished_at": now, "elapsed_s": 0.0, "node": "n", **r.metrics} for r in results])
+    before = {info.shard: info.sha256 for info in read_shards(root).values()}
+    removed = remove_from_shards(root, {"yt_vid00000003"})
+    assert sorted(k for keys in removed.values() for k in keys) == [f"yt_vid00000003_{c:03d}" for c in range(3)]
+    after = read_shards(root)
+    assert len({k for info in after.values() for k in info.keys}) == len(rows) - 3
+    assert all(after[n].sha256 == before[n] for n in before if n not in removed)
+    assert mark_in_manifests(store, {"yt_vid00000003"}, ["shards"]) == 3
+    assert verify(root, set(store.ok_keys("shards"))).ok
+
+
+KILLED_WRITER = """
+import json, sys
+from pathlib import Path
+from pipeline.options import RunConfig
+from stages.shards import Shards, ShardsConfig
+rows = json.loads(Path(sys.argv[1]).read_text())
+stage = Shards(ShardsConfig(max_samples=2), RunConfig(shard_root=sys.argv[2], manifest_root=sys.argv[3]))
+stage.setup()
+stage.process(rows)
+"""
+
+
+def test_kill_mid_shard_write_on_a_bucket_then_rerun_gives_every_clip_once(s3_server, tmp_path: Path):
+    url = s3_server.bucket("shards-kill") + "/shards"
+    rows = clip_rows(tmp_path / "art", videos=30, clips=2)
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    root = shard_root(url)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "rows.json"), url, str(tmp_path / "m")],
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len([n for n in root.names() if n.endswith(".tar")]) < 3:
+        time.sleep(0.02)
+    kill_group(proc)
+    finished_before = len(read_shards(root))
+    assert 2 <= finished_before < 30, "the kill must land part-way"
+    import tarfile
+
+    for name in root.names():  # whatever the kill left, nothing torn is under a final name
+        if name.endswith(".tar"):
+            with root.open(name) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                assert len(tar.getmembers()) == 2 * 6  # two samples of six members, every one whole
+    stage = shards_stage(url, str(tmp_path / "m"), max_samples=2)
+    results = stage.process(rows)  # the re-run: finds finished samples, writes the rest
+    assert Counter(r.status for r in results) == {"ok": len(rows)}
+    keys = Counter(k for info in read_shards(root).values() for k in info.keys)
+    assert set(keys) == {r["key"] for r in rows} and set(keys.values()) == {1}
+    assert not [n for n in root.names() if n.endswith(".tmp")]
+    assert verify(root, {r["key"] for r in rows}).ok
+
+
+APPENDER = """
+import sys
+from datetime import datetime, timezone
+import pyarrow as pa
+from pipeline.manifest import ManifestStore, full_schema
+store = ManifestStore(sys.argv[1])
+schema = full_schema(pa.schema([("score", pa.float64())]))
+for i in range(10_000):
+    now = datetime.now(timezone.utc)
+    store.append("s", schema, [{"key": f"k{i:05d}-{j}", "status": "ok", "reason": "", "stage_version": "1",
+                                "params_hash": "p", "weights": "none", "run_id": "r", "finished_at": now,
+                                "elapsed_s": 0.0, "node": "n", "score": float(i)} for j in range(4)])
+    print(i, flush=True)
+"""
+
+
+def test_kill_mid_manifest_append_on_a_bucket_leaves_no_torn_part(s3_server):
+    """SIGKILL a writer appending (and merging: 16 appends make a merge) at several points: every part
+    under a final name is whole, rows are only ever duplicated (a kill mid-merge), never lost, and
+    appends after the kill go on from there."""
+    root = s3_server.bucket("manifest-kill") + "/m"
+    acknowledged = 0
+    for target, extra_s in ((3, 0.05), (MERGE_FANIN + 4, 0.15), (2 * MERGE_FANIN - 1, 0.0)):
+        proc = subprocess.Popen([sys.executable, "-c", APPENDER, root], stdout=subprocess.PIPE, start_new_session=True)
+        done = 0
+        while done < target and proc.stdout.readline():  # appends it has acknowledged (EOF: it died)
+            done += 1
+        time.sleep(extra_s)  # the next append is under way (after the third target: the one that merges)
+        kill_group(proc)
+        acknowledged = max(acknowledged, done + len(proc.stdout.read().split()))
+        store = ManifestStore(root)
+        for part in store.parts("s"):  # every part under a final name reads whole
+            assert store._parquet(part).read().num_rows % 4 == 0
+        keys = store.latest("s").column("key").to_pylist()
+        assert len(keys) == len(set(keys))
+        assert acknowledged * 4 <= len(keys), "an acknowledged append was lost"
+    assert acknowledged > MERGE_FANIN, "the kills must land after merges have run"
+    store = ManifestStore(root)
+    store.compact("s")
+    assert not [o for o in objects(root) if o.endswith(".tmp")]
+
+
+def test_a_media_root_on_a_bucket_fails_fast_naming_the_key():
+    from pipeline.options import ConfigError
+    from stages import load_config_dict
+
+    with pytest.raises(ConfigError, match="run.media_root"):
+        load_config_dict({"run": {"media_root": "s3://bucket/media"}})
+    cfg = load_config_dict({"run": {"manifest_root": "s3://bucket/m", "storage_options": {"endpoint_url": "http://x"}}})
+    assert cfg.run.storage_options == {"endpoint_url": "http://x"}
+    with pytest.raises(ConfigError, match="run.storage_options"):
+        load_config_dict({"run": {"storage_options": "endpoint_url=http://x"}})
+    load_config_dict({})  # and back to none, for the rest of the session
+
+
+E2E_N = 12
+
+
+def discomv(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(*args: str, timeout: float = 900) -> str:
+    proc = discomv(*args)
+    out = proc.communicate(timeout=timeout)[0].decode()
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_with_manifests_and_shards_on_a_bucket_survives_a_kill(s3_server, tmp_path: Path):
+    """`discomv run` with run.manifest_root and run.shard_root on the bucket: SIGKILLed part-way
+    (once the shards stage has begun writing), then run to the end → every candidate in exactly one
+    terminal state, every sharded clip in exactly one shard, verify clean; status, cost and audit read
+    the bucket; the trainer streams the shards from it."""
+    import yaml
+
+    from pipeline.tools import synth
+    from pipeline.tools.audit import audit_table
+    from pipeline.tools.demo import SMALL_MODELS
+    from pipeline.tools.localserver import LocalServer
+
+    bucket = s3_server.bucket("e2e")
+    names = synth.make_copies_corpus(tmp_path / "corpus", E2E_N, broken_every=6)
+    with LocalServer(tmp_path / "corpus") as server:
+        (tmp_path / "urls.txt").write_text("".join(f"{server.url}/{n}?n={i}\n" for i, n in enumerate(names)))
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({
+            "run": {"manifest_root": f"{bucket}/manifests", "media_root": str(tmp_path / "media"),
+                    "shard_root": f"{bucket}/shards", "weights": "random", "flush_rows": 2},
+            "ingest": {"inputs": [str(tmp_path / "urls.txt")]},
+            **SMALL_MODELS,
+            "download": {"allow_private_hosts": True, "concurrency": 2, "retries": 1, "backoff_s": 0.05},
+            "clips": {"max_clips": 2},
+            "beats": {"frame_size": "128x72"},
+            "shards": {"max_samples": 3},
+        }))
+        proc = discomv("run", "-c", str(config), "--no-progress")
+        shards = shard_root(f"{bucket}/shards")
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline and not [n for n in shards.names() if n.endswith(".tar")]:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the kill: " + proc.communicate()[0].decode()[-3000:]
+        kill_group(proc)
+        finish("run", "-c", str(config), "--no-progress")
+
+    store = ManifestStore(f"{bucket}/manifests")
+    audit = audit_table(store).to_pylist()
+    assert Counter(Counter(r["key"] for r in audit).values()) == {1: E2E_N}, "every candidate in exactly one row"
+    assert not [r for r in audit if r["terminal"].startswith("pending")]
+    for stage in store.stages():
+        for part in store.parts(stage):
+            assert store._parquet(part).metadata.num_rows > 0
+    sharded = {r["key"] for r in store.latest("shards").to_pylist() if r["status"] == "ok"}
+    in_shards = Counter(k for info in read_shards(shards).values() for k in info.keys)
+    assert sharded and set(in_shards) == sharded and set(in_shards.values()) == {1}
+    assert not [o for o in objects(bucket) if o.endswith(".tmp")]
+    assert "OK" in finish("verify", "-c", str(config))
+    status = finish("status", "-c", str(config))
+    assert "s3://e2e/manifests" in status and "shards" in status
+    assert "testing-secret" not in status
+    finish("cost", "-c", str(config))
+    finish("audit", "-c", str(config), "--out", str(tmp_path / "audit.parquet"))
+    runs = tmp_path / "runs"
+    out = finish("train", "--shards", f"{bucket}/shards", "--config", "tiny", "--steps", "3", "--out", str(runs),
+                 "--set", "data.batch_size=2", "--set", "eval_interval=2")
+    assert (runs / "log.csv").is_file(), out[-2000:]
