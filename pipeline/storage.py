@@ -82,18 +82,17 @@ class Root:
 
     def names(self, *sub: str) -> list[str]:
         """Names of the files directly under `sub` (temp keys included), sorted; [] when none."""
-        try:
-            entries = self.fs.ls(self.key(*sub), detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file")
+        return self._entries(sub, "file")
 
     def folders(self, *sub: str) -> list[str]:
+        return self._entries(sub, "directory")
+
+    def _entries(self, sub: tuple[str, ...], kind: str) -> list[str]:
         try:
             entries = self.fs.ls(self.key(*sub), detail=True, refresh=True)
         except FileNotFoundError:
             return []
-        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == kind)
 
     def size(self, *parts: str) -> int:
         return int(self.fs.size(self.key(*parts)))

@@ -206,7 +206,6 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     return DemoRun(out, port, proc.returncode, proc.stdout, proc.stderr)
 
 
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone S3 server on 127.0.0.1 (its own process) with the AWS_* variables pointing
