@@ -164,8 +164,6 @@ def phase(name: str, data: Path, manifests: Path, rows: int = 0, parts: int = 0)
     if name == "synth":
         write_download(manifests, parts, rows, merged_layout=rows > 0, cfg=cfg)
         note = f"{len(store.parts('download'))} parts"
-    elif name == "ingest" and rows:  # 15.3M: the stage's own work in this driver, no Ray (see --help)
-        note = ingest_in_driver(cfg, store)
     elif name == "ingest":
         from pipeline.runner import run_stage
 
@@ -204,31 +202,6 @@ def phase(name: str, data: Path, manifests: Path, rows: int = 0, parts: int = 0)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps({"phase": name, "seconds": seconds, "peak_gb": peak, "note": note}), flush=True)
-
-
-def ingest_in_driver(cfg, store) -> str:
-    """Ingest as run_stage does it (plan, windows, StageWorker, manifest parts per window), with the
-    worker in this process: Ray's transport is the executor's part (issue 23 item 1)."""
-    import datetime as dt
-
-    from pipeline.manifest import full_schema
-    from pipeline.plan import plan_stage
-    from pipeline.runner import stage_params_hash
-    from pipeline.worker import StageWorker
-    from stages import STAGES
-
-    stage = STAGES["ingest"](cfg.stage("ingest"), cfg.run)
-    phash = stage_params_hash(stage)
-    plan = plan_stage(stage, store, STAGES, phash)
-    worker, schema, n = StageWorker(stage), full_schema(stage.schema), 0
-    for window in plan.windows():
-        records = worker.process_safely(window)
-        for r in records:
-            r.update(stage_version=stage.version, params_hash=phash, run_id="bench",
-                     finished_at=dt.datetime.fromisoformat(r["finished_at"]))
-        store.append("ingest", schema, records)
-        n += len(records)
-    return f"ingest in this driver (no Ray): {n} rows of {plan.total}; {len(store.parts('ingest'))} parts"
 
 
 def run_phase(code: Path, name: str, data: Path, manifests: Path, cap_gb: float, timeout_s: float,

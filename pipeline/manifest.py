@@ -112,7 +112,12 @@ class ManifestStore:
         the newest parts when MERGE_FANIN of one level have piled up."""
         if not rows:
             return None
-        table = pa.Table.from_pylist(rows, schema=schema)
+        return self.append_table(stage, pa.Table.from_pylist(rows, schema=schema))
+
+    def append_table(self, stage: str, table: pa.Table) -> Path | str | None:
+        """append() of rows that are an Arrow table already."""
+        if not table.num_rows:
+            return None
         d = self.stage_dir(stage)
         if not self.remote:
             d.mkdir(parents=True, exist_ok=True)

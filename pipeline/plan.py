@@ -19,6 +19,7 @@ from pipeline.manifest import COMMON_NAMES, ManifestStore, conform, connect
 from pipeline.stage import Row, SourceStage, Stage
 
 WINDOW = 20_000  # rows built as Python dicts at once
+TABLE_WINDOW = 131_072  # rows of an Arrow window (a source stage's rows, recorded in the driver)
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Plan:
     total: int  # rows the stage works on (its input)
     pending: int  # of which not yet done with this stage version and params
     windows: Callable[[], Iterator[list[Row]]]  # the pending rows, in input order
+    tables: Callable[[], Iterator[pa.Table]] | None = None  # the same as Arrow tables, where the stage has them
 
     @property
     def already_done(self) -> int:
@@ -74,7 +76,8 @@ def _plan_source(stage: SourceStage, done: str, window: int) -> Plan:
     with connect() as con:
         con.register("keys", keys)
         ords = con.execute(f"SELECT ord FROM keys ANTI JOIN {done} USING (key) ORDER BY ord").fetchnumpy()["ord"]
-    return Plan(keys.num_rows, len(ords), lambda: stage.source_windows(ords, window))
+    tables = (lambda: stage.source_tables(ords, TABLE_WINDOW)) if hasattr(stage, "source_tables") else None
+    return Plan(keys.num_rows, len(ords), lambda: stage.source_windows(ords, window), tables)
 
 
 def _upstream_windows(

@@ -17,16 +17,16 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
 from pipeline import fleet
 from pipeline.config import Config
-from pipeline.manifest import ManifestStore, full_schema, params_hash
+from pipeline.manifest import ManifestStore, conform, full_schema, params_hash
 from pipeline.placement import actors_that_fit, check_gpus_exist, check_prepare_fits, cpus_each, task_slots
 from pipeline.plan import plan_stage
-from pipeline.stage import AUTO, STATUSES, Row, SourceStage, Stage
+from pipeline.stage import AUTO, OK, STATUSES, Row, SourceStage, Stage
 from pipeline.worker import WireStageWorker, prepare_in_task, process_in_task
 
 log = logging.getLogger("discomv")
@@ -53,6 +53,15 @@ class RunSummary:
             self.statuses[result["status"]] += 1
             if result["status"] != "ok":
                 self.reasons[f"{result['status']}: {reason_class(result['reason'])}"] += 1
+
+    def count_table(self, results: Any) -> None:
+        """count() of recorded results as an Arrow table: the ok rows counted in Arrow."""
+        import pyarrow.compute as pc
+
+        ok = pc.equal(results.column("status"), OK)
+        self.statuses[OK] += pc.sum(ok).as_py() or 0
+        self.busy_s += pc.sum(results.filter(ok).column("elapsed_s")).as_py() or 0.0
+        self.count(results.filter(pc.invert(ok)).select(["status", "reason", "elapsed_s"]).to_pylist())
 
     @property
     def rows_per_s(self) -> float:
@@ -124,6 +133,11 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     schema = full_schema(stage.schema)
     run_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
+    if plan.tables is not None and hasattr(stage, "process_table"):
+        _record_tables(stage, plan.tables(), store, phash, run_id, summary, _progress(plan.pending, name, progress))
+        summary.seconds = time.perf_counter() - started
+        log.info(summary.line())
+        return summary
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
     bar = _progress(plan.pending, name, progress)
@@ -146,6 +160,38 @@ def run_stage(name: str, cfg: Config, stage_cls: type[Stage] | None = None, prog
     summary.seconds = time.perf_counter() - started
     log.info(summary.line())
     return summary
+
+
+def _record_tables(stage: Stage, tables: Iterator[Any], store: ManifestStore, phash: str, run_id: str,
+                   summary: RunSummary, bar: Any) -> None:
+    """A source stage's rows a table at a time in this process (no Ray): processed, stamped and
+    appended as one manifest part per table."""
+    import pyarrow as pa
+
+    schema = full_schema(stage.schema)
+    summary.workers = 1
+    started = time.perf_counter()  # a row's time includes reading it: the stage's work is mostly that
+    for table in tables:
+        results = stage.process_table(table)
+        now, per_row = datetime.now(timezone.utc), (time.perf_counter() - started) / max(1, table.num_rows)
+        stamps = dict(stage_version=stage.version, params_hash=phash, run_id=run_id, finished_at=now,
+                      elapsed_s=per_row, weights=getattr(stage, "weights_stamp", "none"), node=_driver_node())
+        for column in schema:
+            if column.name in stamps:
+                results = results.append_column(column, pa.repeat(pa.scalar(stamps[column.name], column.type),
+                                                                  results.num_rows))
+        store.append_table(stage.name, conform(results, schema))
+        summary.count_table(results)
+        summary.processed += results.num_rows
+        bar.update(results.num_rows)
+        started = time.perf_counter()
+    bar.close()
+
+
+def _driver_node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
 
 
 def reason_class(reason: str | None) -> str:

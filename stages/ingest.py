@@ -22,14 +22,14 @@ from pipeline.sources import yt8m
 from pipeline.sources.inputs import (
     InputError,
     SourceInput,
-    candidate,
+    candidates,
     canonical,  # noqa: F401  (ingest's public name, as before the split)
+    canonical_columns,
     fraction,
-    key_of,
     open_input,
     pick_columns,
     pseudo_key,
-    raw_value,
+    raw_column,
     source_and_path,
     take,
 )
@@ -113,38 +113,55 @@ class Ingest(SourceStage):
         candidates are found (later duplicates of them are then not listed in `also_in`)."""
         if not self.config.inputs:
             raise InputError("ingest.inputs is empty: pass --set ingest.inputs=[path,...] or a config file")
-        limit, sample = self.config.limit, self.config.sample
-        seen: set[str] = set()  # only with a limit: at most `limit` keys
         chunks, pseudo = [], []  # pseudo: (ord, pseudo id, source, where) of rows keyed after the lookups
         self._inputs: list[SourceInput] = []
+        seen: set[str] = set()  # only with a limit: at most `limit` keys
         start = 0
         for spec in self.config.inputs:
             source_input = self._open(*source_and_path(spec), start)
             self._inputs.append(source_input)
-            for batch in source_input.batches(keys_only=True):
-                keys = []
-                for i, rec in enumerate(batch):
-                    ord_, raw = start + i, raw_value(rec, source_input.columns)
-                    if yt8m.PSEUDO_ID.match(str(raw).strip()):
-                        pseudo.append((ord_, str(raw).strip(), source_input.source, source_input.where(rec, ord_)))
-                        keys.append(None)
-                        taken = take("yt8m:" + str(raw).strip(), seen, None) if limit is not None else False
-                    else:
-                        keys.append(key_of(raw, source_input.source, source_input.where(rec, ord_))[0])
-                        taken = take(keys[-1], seen, sample) if limit is not None else False
-                    if taken and len(seen) >= limit:
-                        break
-                chunks.append(pa.table({"key": pa.array(keys, pa.string()),
-                                        "ord": pa.array(range(start, start + len(keys)), pa.int64())}))
-                start += len(keys)
-                if limit is not None and len(seen) >= limit:
+            for table in source_input.tables(keys_only=True):
+                ords = pa.array(range(start, start + table.num_rows), pa.int64())
+                keys = canonical_columns(raw_column(table, source_input.columns), source_input.source,
+                                         *source_input.where(table, ords))
+                cut = self._limit_cut(keys, seen)
+                keys, ords = {k: v.slice(0, cut) for k, v in keys.items()}, ords.slice(0, cut)
+                pseudo += self._pseudo(keys, ords, source_input, table.slice(0, cut))
+                chunks.append(pa.table({"key": keys["key"], "ord": ords}))
+                start += cut
+                if self._limit_reached(seen):
                     break
             source_input.rows = start - source_input.start
-            if limit is not None and len(seen) >= limit:
+            if self._limit_reached(seen):
                 break
         empty = pa.table({"key": pa.array([], pa.string()), "ord": pa.array([], pa.int64())})
         candidates = pa.concat_tables(chunks) if chunks else empty
         return self._dedupe(candidates, self._resolve(pseudo), {o: where for o, _, _, where in pseudo})
+
+    def _limit_reached(self, seen: set[str]) -> bool:
+        return self.config.limit is not None and len(seen) >= self.config.limit
+
+    def _limit_cut(self, keys: dict[str, Any], seen: set[str]) -> int:
+        """How many rows of a batch to read: all, or (with a limit) up to the row that completes it."""
+        if self.config.limit is None:
+            return len(keys["key"])
+        for i, (key, pseudo) in enumerate(zip(keys["key"].to_pylist(), keys["yt8m_id"].to_pylist(), strict=True)):
+            if take(key or "yt8m:" + pseudo, seen, None if pseudo else self.config.sample) and self._limit_reached(seen):
+                return i + 1
+        return len(keys["key"])
+
+    @staticmethod
+    def _pseudo(keys: dict[str, Any], ords: pa.Array, source_input: SourceInput, table: pa.Table) -> list[tuple]:
+        """(ord, pseudo id, source, where) of the batch's YouTube-8M pseudo ids."""
+        import numpy as np
+
+        index = np.flatnonzero(keys["yt8m_id"].is_valid().to_numpy(zero_copy_only=False))
+        if not len(index):
+            return []
+        files, rows = source_input.where(table, ords)
+        return [(o, p, source_input.source, (f, r)) for o, p, f, r in zip(
+            ords.take(index).to_pylist(), keys["yt8m_id"].take(index).to_pylist(), files.take(index).to_pylist(),
+            rows.take(index).to_pylist(), strict=True)]
 
     def _open(self, source: str, path: Path, start: int) -> SourceInput:
         try:
@@ -206,12 +223,16 @@ class Ingest(SourceStage):
         return kept
 
     def source_windows(self, ords: Any, size: int) -> Iterator[list[Row]]:
-        """Pass 2: the candidate rows of `ords` (sorted, from `source_keys`), `size` at a time, read
-        back with only the columns ingest records (never an embedding)."""
+        for table in self.source_tables(ords, size):
+            yield table.to_pylist()
+
+    def source_tables(self, ords: Any, size: int) -> Iterator[pa.Table]:
+        """Pass 2: the candidate rows of `ords` (sorted, from `source_keys`) as Arrow tables of about
+        `size` rows, read back with only the columns ingest records (never an embedding)."""
         import numpy as np
 
         ords = np.asarray(ords, dtype=np.int64)
-        window: list[Row] = []
+        window: list[pa.Table] = []
         for source_input in self._inputs:
             lo, hi = np.searchsorted(ords, [source_input.start, source_input.start + source_input.rows])
             if lo == hi:
@@ -219,45 +240,69 @@ class Ingest(SourceStage):
             wanted = np.zeros(source_input.rows, dtype=bool)  # a bit per input row, not a set of 15M ints
             wanted[ords[lo:hi] - source_input.start] = True
             last, index = int(ords[hi - 1]) - source_input.start, 0
-            for batch in source_input.batches():
-                for rec in batch:
-                    if index < source_input.rows and wanted[index]:
-                        window.append(self._row(source_input, rec, index))
-                        if len(window) >= size:
-                            yield window
-                            window = []
-                    index += 1
+            for table in source_input.tables():
+                rows = np.flatnonzero(wanted[index:index + table.num_rows])
+                if len(rows):
+                    found = candidates(table.take(rows), source_input, source_input.start + index + rows,
+                                       self.config.default_license)
+                    window.append(self._resolved(found))
+                    if sum(t.num_rows for t in window) >= size:
+                        yield pa.concat_tables(window)
+                        window = []
+                index += table.num_rows
                 if index > last:
                     break
         if window:
-            yield window
+            yield pa.concat_tables(window)
 
-    def _row(self, source_input: SourceInput, rec: dict[str, Any], index: int) -> Row:
-        row = candidate(rec, source_input.where(rec, source_input.start + index), source_input.columns, source_input.source,
-                         self.config.default_license)
-        if pseudo := row["yt8m_id"]:
-            answer = self._answers[pseudo]
-            if vid := answer["youtube_id"]:
-                row.update(key=f"yt_{vid}", url=self.config.yt8m_video_url.format(id=vid), youtube_id=vid)
-            else:
-                row.update(key=pseudo_key(answer, pseudo, row["source"], (row["input_file"], row["input_row"])),
-                           problem=answer["reason"])
-        row["yt8m_labels"] = rec.get("yt8m_labels")
-        row["also_in"] = list(self._also_in.get(row["key"], []))
-        return row
+    def _resolved(self, table: pa.Table) -> pa.Table:
+        """Pseudo ids given their YouTube id's key and URL (or a `bad_` key and the lookup's reason),
+        duplicates their `also_in`."""
+        if table.column("yt8m_id").null_count < table.num_rows:
+            pseudo = table.column("yt8m_id").to_pylist()
+            cols = {name: table.column(name).to_pylist() for name in ("key", "url", "youtube_id", "problem")}
+            where = zip(table.column("input_file").to_pylist(), table.column("input_row").to_pylist(), strict=True)
+            for i, (p, spot) in enumerate(zip(pseudo, where, strict=True)):
+                if p is None:
+                    continue
+                answer = self._answers[p]
+                if vid := answer["youtube_id"]:
+                    cols["key"][i], cols["url"][i], cols["youtube_id"][i] = \
+                        f"yt_{vid}", self.config.yt8m_video_url.format(id=vid), vid
+                else:
+                    cols["key"][i], cols["problem"][i] = pseudo_key(answer, p, table.column("source")[i].as_py(),
+                                                                    spot), answer["reason"]
+            for name, values in cols.items():
+                table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        if self._also_in:
+            keys = table.column("key").to_pylist()
+            also_in = pa.array([self._also_in.get(k, []) for k in keys], pa.list_(pa.string()))
+            table = table.set_column(table.schema.get_field_index("also_in"), "also_in", also_in)
+        return table
+
+    def process_table(self, table: pa.Table) -> pa.Table:
+        """Every candidate's outcome, a table at a time: failed with the input's problem, dropped when
+        listed longer than `max_duration_s`, else ok. Columns: key, status, reason, the schema's."""
+        import pyarrow.compute as pc
+
+        problem = table.column("problem")
+        status = pc.if_else(problem.is_valid(), "failed", "ok")
+        reason = problem
+        if (max_s := self.config.max_duration_s) is not None:
+            too_long = pc.and_(pc.fill_null(pc.greater(table.column("duration_s"), max_s), False), problem.is_null())
+            status = pc.if_else(too_long, "dropped", status)
+            listed = pc.if_else(too_long, table.column("duration_s"), None).to_pylist()
+            reason = pc.if_else(too_long, pa.array(
+                [None if d is None else f"too_long: listed {d:.0f}s > {max_s:.0f}s" for d in listed], pa.string()),
+                problem)
+        metrics = table.select(self.schema.names)
+        return pa.table({"key": table.column("key"), "status": status, "reason": pc.fill_null(reason, ""),
+                         **{n: metrics.column(n) for n in metrics.column_names}})
 
     def process(self, rows: list[Row]) -> list[Result]:
-        results = []
-        for row in rows:
-            problem = row.pop("problem", None)
-            metrics = {k: row.get(k) for k in self.schema.names}
-            max_s = self.config.max_duration_s
-            if problem:
-                results.append(Result.failed(row["key"], problem, **metrics))
-            elif max_s is not None and row.get("duration_s") and row["duration_s"] > max_s:
-                results.append(Result.dropped(
-                    row["key"], f"too_long: listed {row['duration_s']:.0f}s > {max_s:.0f}s", **metrics
-                ))
-            else:
-                results.append(Result.ok(row["key"], **metrics))
-        return results
+        outcomes = self.process_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA)).to_pylist()
+        return [Result(o.pop("key"), o.pop("status"), o.pop("reason") or "", o) for o in outcomes]
+
+
+# A candidate row as source_tables makes it: the key, the input's problem (failed when set), the schema.
+ROW_SCHEMA = pa.schema([("key", pa.string()), ("problem", pa.string()), *Ingest.schema])
