@@ -8,10 +8,10 @@ Download's manifest is synthesised as a run leaves it. At --rows 1000000 both co
 download rows as 16-row parts (download flushes every 16 rows; `--download-parts` of them, default
 20,000 = 320,000 candidates downloaded: a fraction of the ~62,500 a full run leaves, said in the
 output); this code then merges them as its `append` would have while they were written (timed
-apart). At 15.3M rows (this code only: the previous one dies at 12 GB) download holds every
-candidate, in the merged layout `append` leaves (<= 15 parts per level), and ingest runs the stage's own work
-(plan, windows, StageWorker, manifest parts) in the driver without Ray: Ray's transport of the rows
-is the streaming executor's part of issue 23 (item 1), not the driver's.
+apart). At 15.3M rows (this code only: the previous one dies at 12 GB) download holds 80% of the
+candidates (a run stopped there), in the merged layout `append` leaves (<= 15 parts per level), so
+planning download builds the other 3.06M rows. Ingest is the stage as `discomv run` runs it
+(`run_stage`: in the driver, a table at a time).
 
     python bench/scale.py [--rows 1000000] [--baseline /work/baseline] [--out build/scale]
     python bench/scale.py --rows 15300000 --no-baseline
@@ -34,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
+DOWNLOADED = 0.8  # at 15.3M: the share of candidates download's manifest holds
 PHASES = ("ingest", "merge", "plan", "status", "audit")  # + "synth" (untimed): download manifest
 DISCO_TEXT = ["video_title_youtube", "track_name_spotify", "preview_url_spotify", "video_thumbnail_url_youtube",
               "search_query_youtube", "video_description_youtube", "track_id_spotify", "album_id_spotify",
@@ -45,28 +46,43 @@ def video_id(i: int) -> str:
     return f"v{i:010d}"
 
 
+def numbered(prefix: str, numbers, width: int = 0):
+    """prefix + each number (zero-padded to `width`) as an Arrow string column, without Python strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.cast(pa.array(numbers), pa.string())
+    if width:
+        text = pc.utf8_lpad(text, width, "0")
+    return pc.binary_join_element_wise(prefix, text, "")
+
+
 def generate(path: Path, rows: int, group: int = 50_000) -> None:
     """DISCO-10M's columns (as published on its dataset card), one row group at a time."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
     block = rng.standard_normal((group + 7, 512), dtype=np.float32)  # random (incompressible), made once
+    tails = pa.array([" " + "x" * k for k in range(40)])
     writer = None
     for start in range(0, rows, group):
         n = min(group, rows - start)
-        ids = [video_id(i) for i in range(start, start + n)]
+        index = np.arange(start, start + n)
+        ids = numbered("v", index, 10)
         cols = {
-            "video_url_youtube": [f"https://www.youtube.com/watch?v={v}" for v in ids],
+            "video_url_youtube": pc.binary_join_element_wise("https://www.youtube.com/watch?v=", ids, ""),
             "video_duration_youtube_sec": rng.uniform(60, 600, n),
             "video_view_count_youtube": rng.integers(0, 10**7, n).astype(np.float64),
-            "artist_id_spotify": pa.array([[f"artist{i % 50_000}"] for i in range(start, start + n)]),
+            "artist_id_spotify": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)),
+                                                          numbered("artist", index % 50_000)),
             "track_duration_spotify_ms": rng.integers(60_000, 600_000, n),
             "explicit_content_spotify": rng.random(n) < 0.1,
         }
-        for c in DISCO_TEXT:
-            cols[c] = [f"{c[:12]} {i} " + "x" * (i % 40) for i in range(start, start + n)]
+        for c in DISCO_TEXT:  # f"{c[:12]} {i} " + "x" * (i % 40)
+            cols[c] = pc.binary_join_element_wise(numbered(f"{c[:12]} ", index), tails.take(index % 40), "")
         for c in SIMILARITY:
             cols[c] = rng.random(n).astype(np.float32)
         emb = block[start // group % 7:][:n]
@@ -79,33 +95,38 @@ def generate(path: Path, rows: int, group: int = 50_000) -> None:
 
 
 def download_rows(start: int, n: int, version: str = "", phash: str = ""):
+    """Download's manifest rows of candidates start..start+n: every fifth failed, the rest ok."""
     import datetime as dt
 
+    import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from pipeline.manifest import full_schema
     from stages import STAGES
 
     schema = full_schema(STAGES["download"].schema)
+    index = np.arange(start, start + n)
+    ok = pa.array(index % 5 != 0)
     now = dt.datetime.now(dt.timezone.utc)
     cols = {}
     for f in schema:
         if f.name == "key":
-            cols[f.name] = [f"yt_{video_id(i)}" for i in range(start, start + n)]
+            cols[f.name] = numbered("yt_v", index, 10)
         elif f.name == "status":
-            cols[f.name] = ["ok" if i % 5 else "failed" for i in range(start, start + n)]
+            cols[f.name] = pa.array(np.where(index % 5 != 0, "ok", "failed"))
         elif f.name == "reason":
-            cols[f.name] = [None if i % 5 else "not_found: HTTP 404" for i in range(start, start + n)]
+            cols[f.name] = pc.if_else(ok, pa.scalar(None, pa.string()), "not_found: HTTP 404")
         elif f.name in ("stage_version", "params_hash"):
-            cols[f.name] = [version if f.name == "stage_version" else phash] * n
+            cols[f.name] = pa.repeat(version if f.name == "stage_version" else phash, n)
         elif f.name == "finished_at":
-            cols[f.name] = [now] * n
+            cols[f.name] = pa.repeat(pa.scalar(now, f.type), n)
         elif pa.types.is_string(f.type):
-            cols[f.name] = [f"{f.name}-{i}" for i in range(start, start + n)]
+            cols[f.name] = numbered(f"{f.name}-", index)
         elif pa.types.is_floating(f.type):
-            cols[f.name] = [float(i % 600) for i in range(start, start + n)]
+            cols[f.name] = (index % 600).astype(np.float64)
         elif pa.types.is_integer(f.type):
-            cols[f.name] = list(range(start, start + n))
+            cols[f.name] = index
         else:
             cols[f.name] = pa.nulls(n, f.type)
     return pa.table(cols, schema=schema)
@@ -162,7 +183,7 @@ def phase(name: str, data: Path, manifests: Path, rows: int = 0, parts: int = 0)
     started = time.perf_counter()
     note = ""
     if name == "synth":
-        write_download(manifests, parts, rows, merged_layout=rows > 0, cfg=cfg)
+        write_download(manifests, parts, int(rows * DOWNLOADED), merged_layout=rows > 0, cfg=cfg)
         note = f"{len(store.parts('download'))} parts"
     elif name == "ingest":
         from pipeline.runner import run_stage
@@ -292,7 +313,7 @@ def main() -> int:
     if not args.keep:
         data.unlink()
     print(f"\nbench/scale.py: {args.rows:,} candidates; download manifest: "
-          + ("every candidate, merged layout" if full else f"{args.download_parts:,} parts x 16 rows "
+          + (f"{DOWNLOADED:.0%} of the candidates, merged layout" if full else f"{args.download_parts:,} parts x 16 rows "
              f"({args.download_parts * 16:,} downloaded; a full run leaves {args.rows // 16:,})")
           + f"; load average at the end {os.getloadavg()[0]:.1f}")
     labels = list(results)
