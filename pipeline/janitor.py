@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.manifest import ManifestStore, full_schema
 from pipeline.stage import DROPPED, OK, Row
 
@@ -141,9 +141,7 @@ class MediaJanitor:
         self.store.append(MEDIA_STAGE, SCHEMA, rows)
         for path in doomed:
             try:
-                Path(path).unlink()
-            except FileNotFoundError:
-                continue
+                storage.remove_file(path)  # a local path, or an object's URI (media_root on a bucket)
             except OSError as e:  # kept, and said: the run goes on
                 log.warning("media: could not remove %s: %s", path, e)
         self.removed_bytes += sum(r["removed_bytes"] for r in rows)
@@ -153,6 +151,6 @@ class MediaJanitor:
 
 def _size(path: str) -> int | None:
     try:
-        return Path(path).stat().st_size
+        return storage.file_size(path)
     except OSError:
         return None
