@@ -7,7 +7,8 @@ A video's media go when its journey past that stage is final: dropped at any sta
 of it recorded ok there, when the run goes on to the shards stage (which reads clip artifacts, not
 media). Failed rows keep their media (a retry reads them), as do the kinds `run.keep_media` names. A
 video whose clips entered the run one by one (a re-run after a kill mid-video) keeps its media:
-this run cannot see all its clips.
+this run cannot see all its clips. Paths are local paths or, with `run.media_root` on a bucket, object
+URIs: both are sized and removed through pipeline/storage.py.
 
 The janitor also holds the run's media window: the stage that makes media (download) admits a
 video only while fewer than `window` videos are past it and not yet through the last reader

@@ -313,7 +313,7 @@ class Download(Stage):
                                  f"download.min_side_px={self.config.min_side_px}")
             check_tail_decodes(path, info=info)
             size = path.stat().st_size
-            uri = published or self.media.publish(path, "video", path.name)
+            uri = published or self.media.publish(path, "video", path.name, cache=True)
         except MediaError as e:  # never leave an unusable file under a final name
             self.media.remove(published) if published else path.unlink(missing_ok=True)
             return Result.failed(key, str(e), attempts=attempts, **trail)

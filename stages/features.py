@@ -9,7 +9,8 @@ Model: Hiera-Base video (`hiera_base_16x224`, 16-frame windows, Kinetics-400). 9
 windows of 16; each window gives 8 time steps (temporal patch stride 2), so the default output is
 [48, 768] float16 (4.8 Hz): the output of stage `layer` (-1 = last), mean-pooled over space
 (`pooling=spatial_mean`), keeping the time axis VMAs conditions on per step. Saved to
-`<media_root>/features/<key>.npy` (under `.part`, renamed; no pickle).
+`<media_root>/features/<key>.npy` (under `.part`, renamed, or uploaded whole to
+a bucket: pipeline/media/staging.py; no pickle).
 
 Weights: `<models_root>/hiera/<model>.<checkpoint>/model.safetensors` → a download of Meta's
 checkpoint when online (pipeline/models/hiera.py). `run.weights=random` builds the same

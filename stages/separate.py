@@ -17,7 +17,7 @@ Vocal energy ratios (energy of the model's vocals stem / energy of its input):
 
 Outputs: `<media_root>/instrumental/<key>.flac` (44.1 kHz stereo, 24-bit, samples clipped to
 [-1, 1]) and `<media_root>/instrumental32k/<key>.flac` (32 kHz mono, 16-bit, for EnCodec), each
-written under `.part` and renamed. Weights come from `<models_root>/demucs/<model>/`, Demucs'
+written under `.part` and renamed (or uploaded whole to a bucket, pipeline/media/staging.py). Weights come from `<models_root>/demucs/<model>/`, Demucs'
 `--repo` layout, loaded without pickle (pipeline/models/demucs.py). `run.weights=random` builds
 the same architecture randomly initialised.
 """
@@ -204,8 +204,8 @@ class Separate(Stage):
             # the 32 kHz copy first, from the scratch file; then each published whole (on a local
             # root: renamed into place)
             write_resampled_flac(partial, local32k, self.config.encodec_sample_rate, channels=1)
-            final = self.media.publish(partial, "instrumental", f"{key}.flac")
-            final32k = self.media.publish(local32k, "instrumental32k", f"{key}.flac")
+            final = self.media.publish(partial, "instrumental", f"{key}.flac", cache=True)
+            final32k = self.media.publish(local32k, "instrumental32k", f"{key}.flac", cache=True)
         except (MediaError, OSError, RuntimeError) as e:
             partial.unlink(missing_ok=True)
             if self.media.remote:

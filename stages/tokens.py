@@ -1,8 +1,8 @@
 """tokens: each clip's instrumental (32 kHz mono, from separate) → EnCodec codes, the VMAs targets.
 
 MusicGen's codec (pipeline/models/encodec.py): 4 codebooks of 2048 entries at 50 Hz, so a 10 s clip
-is an int16 array [4, 500] in `<media_root>/tokens/<key>.npy` (written under `.part`, renamed;
-np.save without pickle).
+is an int16 array [4, 500] in `<media_root>/tokens/<key>.npy` (written under `.part`, renamed,
+or uploaded whole to a bucket: pipeline/media/staging.py; np.save without pickle).
 
 * Exact shapes always: the window is read sample-exact; a partial last clip (`padded_s > 0`) is
   padded with silence to the full clip length before encoding.

@@ -234,7 +234,7 @@ def test_media_on_a_bucket_are_published_whole_and_read_through_the_node_cache(s
     bucket = s3_server.bucket("media")
     here = MediaStore(f"{bucket}/media", str(tmp_path / "here"), 1.0)
     array = np.arange(2000, dtype=np.int16).reshape(4, 500)
-    with here.writing("tokens", "k_000.npy") as partial:
+    with here.writing("tokens", "k_000.npy", cache=True) as partial:
         write_npy(partial, array)
     uri = here.uri("tokens", "k_000.npy")
     assert uri == "s3://media/media/tokens/k_000.npy" and objects(bucket) == ["media/media/tokens/k_000.npy"]
@@ -372,7 +372,7 @@ def test_all_three_roots_on_a_bucket_give_the_shards_of_a_local_run(s3_server, t
 
     bucket = s3_server.bucket("three")
     names = synth.make_copies_corpus(tmp_path / "corpus", 6, broken_every=6)
-    cache_gb = 0.004  # a few stems: the cache must evict during the run
+    cache_gb = 0.0015  # under the run's videos and stems (~3.5 MB): the cache must evict during the run
     roots = {
         "local": {"manifest_root": str(tmp_path / "local" / "manifests"), "media_root": str(tmp_path / "local" / "media"),
                   "shard_root": str(tmp_path / "local" / "shards")},

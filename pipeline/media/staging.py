@@ -5,8 +5,8 @@ Writing (`writing`, `publish`): a stage writes an artifact into a local scratch 
 whole. On a local root the scratch file is `<final>.part` beside the final name and publishing is
 `os.replace` — the rename every stage did before. On an object store the scratch file lies under the
 node's cache folder and is uploaded with `Root.publish_file` (one PUT or a completed multipart
-upload on S3: the object appears whole or not at all), then moved into the node's cache, so a later
-stage on the same node reads it without fetching it back.
+upload on S3: the object appears whole or not at all); media later stages read (a download, stems)
+then move into the node's cache, so a later stage on the same node reads them without a fetch.
 
 Reading (`local`): `with media.local(path) as file:` gives a local file for ffmpeg, decord and
 soundfile. On a local root it is the path itself (no copy). On an object store it is a copy in the
@@ -82,19 +82,21 @@ class MediaStore:
     # ---------------------------------------------------------------- writing
 
     @contextmanager
-    def writing(self, kind: str, name: str) -> Iterator[Path]:
+    def writing(self, kind: str, name: str, cache: bool = False) -> Iterator[Path]:
         """A local file to write `<kind>/<name>` into, published whole when the block ends without
-        an error (removed when it raises)."""
+        an error (removed when it raises); `cache`: as in `publish`."""
         folder = self.work_dir(kind)
         partial = folder / (f"{name}.part" if not self.remote else f"{name}.{uuid.uuid4().hex}.part")
         try:
             yield partial
-            self.publish(partial, kind, name)
+            self.publish(partial, kind, name, cache)
         finally:
             partial.unlink(missing_ok=True)
 
-    def publish(self, local: Path, kind: str, name: str) -> str:
-        """Make `<kind>/<name>` the whole of the local file `local` (moved or uploaded); its URI."""
+    def publish(self, local: Path, kind: str, name: str, cache: bool = False) -> str:
+        """Make `<kind>/<name>` the whole of the local file `local` (moved or uploaded); its URI.
+        `cache`: a later stage reads it, so an uploaded file moves into this node's cache rather
+        than being deleted."""
         if not self.remote:
             final = self.folder / kind / name
             local.replace(final)
@@ -102,7 +104,7 @@ class MediaStore:
         self.root.publish_file(local, f"{kind}/{name}")
         uri = self.uri(kind, name)
         assert self.cache is not None
-        if not self.cache.adopt(cache_name(uri), local):
+        if not (cache and self.cache.adopt(cache_name(uri), local)):
             local.unlink(missing_ok=True)
         return uri
 
