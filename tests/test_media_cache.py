@@ -164,3 +164,10 @@ def test_cache_names_come_from_a_hash_not_from_the_uri():
     assert "/" not in name and name.endswith(".mp4") and len(name) == 44
     assert cache_name("s3://b/x.weird suffix") == cache_name("s3://b/x.weird suffix")
     assert "." not in cache_name("s3://b/x.weird suffix")
+
+
+def test_a_fetch_file_left_by_a_killed_fetcher_counts_and_goes(tmp_path: Path):
+    cache = NodeCache(tmp_path / "c", max_bytes=250)
+    (cache.objects / f"gone.mp4.{'0' * 32}.fetch").write_bytes(b"y" * 200)  # its fetcher was killed
+    get(cache, "a")
+    assert cached(cache) == {"a"} and cache.used_bytes() == 100

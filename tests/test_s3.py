@@ -278,8 +278,8 @@ def finish(*args: str, timeout: float = 900) -> str:
 
 
 @pytest.mark.slow
-def test_pipeline_with_manifests_and_shards_on_a_bucket_survives_a_kill(s3_server, tmp_path: Path):
-    """`discomv run` with run.manifest_root and run.shard_root on the bucket: SIGKILLed part-way
+def test_pipeline_with_every_root_on_a_bucket_survives_a_kill(s3_server, tmp_path: Path):
+    """`discomv run` with run.manifest_root, run.shard_root and run.media_root on the bucket: SIGKILLed part-way
     (once the shards stage has begun writing), then run to the end → every candidate in exactly one
     terminal state, every sharded clip in exactly one shard, verify clean; status, cost and audit read
     the bucket; the trainer streams the shards from it."""
@@ -296,8 +296,9 @@ def test_pipeline_with_manifests_and_shards_on_a_bucket_survives_a_kill(s3_serve
         (tmp_path / "urls.txt").write_text("".join(f"{server.url}/{n}?n={i}\n" for i, n in enumerate(names)))
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({
-            "run": {"manifest_root": f"{bucket}/manifests", "media_root": str(tmp_path / "media"),
-                    "shard_root": f"{bucket}/shards", "weights": "random", "flush_rows": 2},
+            "run": {"manifest_root": f"{bucket}/manifests", "media_root": f"{bucket}/media",
+                    "media_cache": str(tmp_path / "cache"), "shard_root": f"{bucket}/shards",
+                    "weights": "random", "flush_rows": 2},
             "ingest": {"inputs": [str(tmp_path / "urls.txt")]},
             **SMALL_MODELS,
             "download": {"allow_private_hosts": True, "concurrency": 2, "retries": 1, "backoff_s": 0.05},

@@ -24,7 +24,6 @@ import re
 import shutil
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,8 +84,8 @@ class MediaStore:
     def writing(self, kind: str, name: str, cache: bool = False) -> Iterator[Path]:
         """A local file to write `<kind>/<name>` into, published whole when the block ends without
         an error (removed when it raises); `cache`: as in `publish`."""
-        folder = self.work_dir(kind)
-        partial = folder / (f"{name}.part" if not self.remote else f"{name}.{uuid.uuid4().hex}.part")
+        # one writer per key at a time; a name of its own, so a kill's leftover is overwritten next time
+        partial = self.work_dir(kind) / f"{name}.part"
         try:
             yield partial
             self.publish(partial, kind, name, cache)
