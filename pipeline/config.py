@@ -74,10 +74,8 @@ def load_section(name: str, cls: type, raw: dict[str, Any]) -> tuple[RunConfig, 
 
 
 def _check_roots(run: RunConfig) -> None:
-    if storage.is_remote(run.media_root):
-        raise ConfigError(
-            f"config key 'run.media_root' is {run.media_root!r}: media must be a local folder for now "
-            "(run.manifest_root and run.shard_root may be object-store URIs; docs/storage.md)")
+    if run.media_cache_gb <= 0:
+        raise ConfigError(f"config key 'run.media_cache_gb' must be > 0, got {run.media_cache_gb!r}")
 
 
 def _check_restated(sections: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ A video's media go when its journey past that stage is final: dropped at any sta
 of it recorded ok there, when the run goes on to the shards stage (which reads clip artifacts, not
 media). Failed rows keep their media (a retry reads them), as do the kinds `run.keep_media` names. A
 video whose clips entered the run one by one (a re-run after a kill mid-video) keeps its media:
-this run cannot see all its clips.
+this run cannot see all its clips. Paths are local paths or, with `run.media_root` on a bucket, object
+URIs: both are sized and removed through pipeline/storage.py.
 
 The janitor also holds the run's media window: the stage that makes media (download) admits a
 video only while fewer than `window` videos are past it and not yet through the last reader
@@ -22,11 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.manifest import ManifestStore, full_schema
 from pipeline.stage import DROPPED, OK, Row
 
@@ -141,9 +142,7 @@ class MediaJanitor:
         self.store.append(MEDIA_STAGE, SCHEMA, rows)
         for path in doomed:
             try:
-                Path(path).unlink()
-            except FileNotFoundError:
-                continue
+                storage.remove_file(path)  # a local path, or an object's URI (media_root on a bucket)
             except OSError as e:  # kept, and said: the run goes on
                 log.warning("media: could not remove %s: %s", path, e)
         self.removed_bytes += sum(r["removed_bytes"] for r in rows)
@@ -153,6 +152,6 @@ class MediaJanitor:
 
 def _size(path: str) -> int | None:
     try:
-        return Path(path).stat().st_size
+        return storage.file_size(path)
     except OSError:
         return None

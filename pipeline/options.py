@@ -79,7 +79,12 @@ class ModelWorkerOptions(WorkerOptions):
 class RunConfig:
     manifest_root: str = option("manifests", "where stage manifests (Parquet part files) go: a folder or a "
                                 "URI (s3://bucket/prefix)")
-    media_root: str = option("media", "where downloaded and derived media go (a local folder)")
+    media_root: str = option("media", "where downloaded and derived media go: a folder or a URI "
+                             "(s3://bucket/prefix; read through each node's media cache)")
+    media_cache: str | None = option(None, "with a media_root URI: the folder of each node's cache of media "
+                                     "(None: <temp dir>/discomv-media-<hash of media_root>)", output=False)
+    media_cache_gb: float = option(20.0, "with a media_root URI: most GB a node's media cache holds; least "
+                                   "recently used files go first, files in use never", output=False)
     shard_root: str = option("shards", "where WebDataset shards go: a folder or a URI (s3://bucket/prefix)")
     storage_options: dict[str, Any] = option(
         {}, "fsspec options for roots given as URIs (s3://bucket/prefix, gs://…), e.g. endpoint_url, "

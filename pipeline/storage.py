@@ -151,6 +151,39 @@ def open_root(url: str | os.PathLike, options: Mapping[str, Any] | None = None) 
     return Root(url=text, fs=fs, path=path.rstrip("/"))
 
 
+def file_size(path: str | os.PathLike) -> int | None:
+    """Bytes of one file, named by a local path or a URI; None when there is none."""
+    try:
+        if is_remote(path):
+            fs, key = fs_of(str(path))
+            return int(fs.size(key))
+        return local_path(path).stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def remove_file(path: str | os.PathLike) -> None:
+    """Remove one file, named by a local path or a URI; nothing when it is not there."""
+    try:
+        if is_remote(path):
+            fs, key = fs_of(str(path))
+            fs.rm_file(key)
+        else:
+            local_path(path).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def fs_of(url: str) -> tuple[Any, str]:
+    """The filesystem and path of one object's URI, with its cached listings dropped (another
+    process may have written it since)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **storage_options())
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def duckdb_register(con: Any, roots: list[Root]) -> None:
     """Let a duckdb connection read the roots' URLs through their fsspec filesystems (no httpfs
     extension needed, so nothing is downloaded at run time)."""

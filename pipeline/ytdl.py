@@ -10,6 +10,7 @@ its urllib handler, so http(s) goes through that handler only (requests/curl_cff
 from __future__ import annotations
 
 import email.utils
+import logging
 import re
 import urllib.error
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from yt_dlp.networking.exceptions import HTTPError, RequestError
 
 from pipeline.governor import EgressCooling, GovernorClient
 from pipeline.hosts import HostRefused, check_public_url
+
+log = logging.getLogger("discomv")
 
 BOT_PAGE = re.compile(rb"(?i)not a bot|confirm you.re not a robot")
 HANDLERS = ("Urllib", "Websockets")  # the only ones this YoutubeDL builds (see the module doc)
@@ -146,3 +149,19 @@ def progress_counter(governor: GovernorClient) -> Callable[[dict[str, Any]], Non
             governor.consume_bytes(delta)
 
     return hook
+
+
+class QuietLogger:
+    """yt-dlp's messages: its warnings and errors at debug level (failures are classified, not logged)."""
+
+    def debug(self, msg: str) -> None:
+        pass
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+
+    def error(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)

@@ -54,9 +54,10 @@ from pipeline.media.beatgrid import (
     shot_cuts,
     window_peaks,
 )
-from pipeline.media.files import save_npz
+from pipeline.media.files import write_npz
 from pipeline.media.frames import grey, pad_frames, read_clip_frames
 from pipeline.media.probe import MediaError
+from pipeline.media.staging import MediaStore, media_store
 from pipeline.models.flow import FarnebackFlow, RaftFlow, download_raft, raft_weights_name, resolve_raft
 from pipeline.models.weights import models_root, pick_device
 from pipeline.options import ConfigError, ModelWorkerOptions, option
@@ -149,8 +150,8 @@ class Beats(Stage):
             resolve_raft(self.config.flow_method, self.run.weights, models_root(self.run.models_root))
 
     def setup(self) -> None:
-        self.out_dir = Path(self.run.media_root) / "beats"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.media = media_store(self.run)  # pipeline/media/staging.py: local files to read and write
+        self.out_dir = self.media.work_dir("beats")
         self.flow: FarnebackFlow | RaftFlow = FarnebackFlow()
         if self.uses_raft:
             c = self.config
@@ -177,7 +178,8 @@ class Beats(Stage):
         return results
 
     def _read(self, row: Row) -> ClipMedia:
-        return read_clip(row, self.config, self.frame_width, self.frame_height, rgb=self.uses_raft)
+        return read_clip(row, self.config, self.frame_width, self.frame_height, rgb=self.uses_raft,
+                         media=self.media)
 
     def _finish(self, row: Row, media: Future[ClipMedia] | None) -> Result:
         key = row["key"]
@@ -211,8 +213,8 @@ class Beats(Stage):
             arrays.update(audio_features(clip.clip_audio, clip.sample_rate, c.extras_hz))
             cuts = shot_cuts(grey(clip.frames), c.video_fps, c.shot_cut_threshold)
             arrays["shot_cut_s"] = cuts
-        path = self.out_dir / f"{key}.npz"
-        save_npz(path, arrays)
+        with self.media.writing("beats", f"{key}.npz") as partial:
+            write_npz(partial, arrays)
         return Result.ok(
             key,
             music_beats=music.beats.tolist(), video_beats=video.tolist(), beat_weights=weights.tolist(),
@@ -220,7 +222,7 @@ class Beats(Stage):
             n_matched_beats=int(overlap.sum()), alignment_score=alignment_score(video, overlap),
             flow_method=c.flow_method, flow_model=self.flow.model_name, frames_read=clip.frames_read,
             frames_padded=clip.frames_padded, audio_padded_s=clip.audio_padded_s,
-            n_shot_cuts=None if cuts is None else len(cuts), beats_path=str(path),
+            n_shot_cuts=None if cuts is None else len(cuts), beats_path=self.media.uri("beats", f"{key}.npz"),
         )
 
 
@@ -266,17 +268,20 @@ class ClipMedia:
         return self.audio[self.context_samples:]
 
 
-def read_clip(row: Row, c: BeatsConfig, width: int, height: int, rgb: bool) -> ClipMedia:
+def read_clip(row: Row, c: BeatsConfig, width: int, height: int, rgb: bool, media: MediaStore) -> ClipMedia:
     start_s, end_s = float(row["start_s"]), float(row["end_s"])
     clip_s = end_s - start_s
-    audio_path = input_file(row.get("instrumental32k_path"), "instrumental audio")
-    audio, sample_rate, context, audio_padded = read_audio_with_context(
-        audio_path, start_s, clip_s, AUDIO_CONTEXT_S)
+    audio_path = input_file(media, row.get("instrumental32k_path"), "instrumental audio")
+    with media.local(audio_path) as audio_file:
+        audio, sample_rate, context, audio_padded = read_audio_with_context(
+            str(audio_file), start_s, clip_s, AUDIO_CONTEXT_S)
     if audio_padded >= len(audio) - context:
         raise MediaError(f"no_audio: the instrumental ends before the clip starts ({start_s:.1f}s)")
     n_frames = int(round(clip_s * c.video_fps))
-    video_path = input_file(row.get("video_path"), "video")
-    frames = read_clip_frames(video_path, start_s, clip_s, c.video_fps, width, height, rgb, DECODE_TIMEOUT_S)
+    video_path = input_file(media, row.get("video_path"), "video")
+    with media.local(video_path) as video_file:
+        frames = read_clip_frames(str(video_file), start_s, clip_s, c.video_fps, width, height, rgb,
+                                  DECODE_TIMEOUT_S)
     frames_read = min(len(frames), n_frames)
     return ClipMedia(
         audio=audio, sample_rate=sample_rate, context_samples=context,
@@ -285,7 +290,7 @@ def read_clip(row: Row, c: BeatsConfig, width: int, height: int, rgb: bool) -> C
     )
 
 
-def input_file(path: str | None, what: str) -> str:
-    if not path or not Path(path).is_file():
+def input_file(media: MediaStore, path: str | None, what: str) -> str:
+    if not path or not media.is_file(path):
         raise MediaError(f"missing_input: no {what} at {path!r}")
     return path

@@ -29,11 +29,13 @@ import pyarrow as pa
 from pipeline.governor import BudgetReached, EgressCooling, GovernorClient, GovernorSettings, local
 from pipeline.hosts import HostRefused, check_public_url
 from pipeline.media.probe import MediaError, check_tail_decodes, probe
+from pipeline.media.staging import media_store
 from pipeline.options import ConfigError, WorkerOptions, option
 from pipeline.stage import Resources, Result, Row, Stage
 
 log = logging.getLogger("discomv")
 COOLED = "egress_cooling"  # an attempt stopped because its egress was struck meanwhile (not recorded)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".m4a", ".mov")  # what yt-dlp leaves as a finished download
 
 
 @dataclass
@@ -162,8 +164,9 @@ class Download(Stage):
         )
 
     def setup(self) -> None:
-        self.out_dir = Path(self.run.media_root) / "video"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # yt-dlp writes into the media root's folder, or this node's scratch when it is a bucket
+        self.media = media_store(self.run)
+        self.out_dir = self.media.work_dir("video")
         if self.governor is None:
             self.governor = local(self.governor_settings())
         if self.config.plugin_dirs:
@@ -177,9 +180,9 @@ class Download(Stage):
         refusal = check_url(url, self.config.allow_private_hosts)
         if refusal:
             return Result.failed(key, refusal)
-        existing = self._existing(key)
-        if existing:
-            return self._verify(key, existing, attempts=0, reused=True)
+        reused = self._reuse(key)
+        if reused:
+            return reused
         budget = self.governor.check_budget()
         if budget:
             return Result.failed(key, budget)
@@ -237,7 +240,7 @@ class Download(Stage):
     def _ydl_options(self, key: str, egress: str | None = None) -> dict[str, Any]:
         import yt_dlp
 
-        from pipeline.ytdl import progress_counter
+        from pipeline.ytdl import QuietLogger, progress_counter
 
         c = self.config
         proxy, cookies = self.egresses[egress or next(iter(self.egresses))]
@@ -249,7 +252,7 @@ class Download(Stage):
             "quiet": True,
             "no_warnings": True,
             "noprogress": True,
-            "logger": _QuietLogger(),
+            "logger": QuietLogger(),
             "socket_timeout": c.socket_timeout_s,
             "retries": 0,
             "fragment_retries": 0,
@@ -276,11 +279,23 @@ class Download(Stage):
     def _existing(self, key: str) -> Path | None:
         for path in sorted(self.out_dir.glob(f"{key}.*")):
             # yt-dlp's per-format parts (`key.f134.mp4`) and `.part` files are not finished downloads
-            if path.stem == key and path.suffix in (".mp4", ".webm", ".mkv", ".m4a", ".mov"):
+            if path.stem == key and path.suffix in VIDEO_SUFFIXES:
                 return path
         return None
 
-    def _verify(self, key: str, path: Path, attempts: int, reused: bool, **trail: Any) -> Result:
+    def _reuse(self, key: str) -> Result | None:
+        """A download finished before a kill: on local disk (or this node's scratch), or published."""
+        local = self._existing(key)
+        if local:
+            return self._verify(key, local, attempts=0, reused=True)
+        uri = self.media.find("video", key, VIDEO_SUFFIXES) if self.media.remote else None
+        if uri is None:
+            return None
+        with self.media.local(uri) as file:
+            return self._verify(key, file, attempts=0, reused=True, published=uri)
+
+    def _verify(self, key: str, path: Path, attempts: int, reused: bool, published: str | None = None,
+                **trail: Any) -> Result:
         try:
             info = probe(path)
             if not info.has_video:
@@ -297,13 +312,17 @@ class Download(Stage):
                 raise MediaError(f"too_small: {info.width}x{info.height} video, a side below "
                                  f"download.min_side_px={self.config.min_side_px}")
             check_tail_decodes(path, info=info)
-        except MediaError as e:
-            path.unlink(missing_ok=True)  # never leave an unusable file under a final name
+            size = path.stat().st_size
+            uri = published or self.media.publish(path, "video", path.name, cache=True)
+        except MediaError as e:  # never leave an unusable file under a final name
+            self.media.remove(published) if published else path.unlink(missing_ok=True)
             return Result.failed(key, str(e), attempts=attempts, **trail)
+        except OSError as e:  # the upload failed: the file stays for a retry
+            return Result.failed(key, f"io_error: {e}", attempts=attempts, **trail)
         return Result.ok(
             key,
-            video_path=str(path),
-            file_bytes=path.stat().st_size,
+            video_path=uri,
+            file_bytes=size,
             media_duration_s=info.duration_s,
             width=info.width,
             height=info.height,
@@ -426,17 +445,3 @@ def _parse_section(spec: str) -> tuple[float, float]:
 def _clean(message: str) -> str:
     message = re.sub(r"\x1b\[[0-9;]*m", "", message).replace("ERROR: ", "").strip()
     return message.splitlines()[0][:500] if message else "unknown error"
-
-
-class _QuietLogger:
-    def debug(self, msg: str) -> None:
-        pass
-
-    def info(self, msg: str) -> None:
-        pass
-
-    def warning(self, msg: str) -> None:
-        log.debug("yt-dlp: %s", msg)
-
-    def error(self, msg: str) -> None:
-        log.debug("yt-dlp: %s", msg)

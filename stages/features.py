@@ -9,7 +9,8 @@ Model: Hiera-Base video (`hiera_base_16x224`, 16-frame windows, Kinetics-400). 9
 windows of 16; each window gives 8 time steps (temporal patch stride 2), so the default output is
 [48, 768] float16 (4.8 Hz): the output of stage `layer` (-1 = last), mean-pooled over space
 (`pooling=spatial_mean`), keeping the time axis VMAs conditions on per step. Saved to
-`<media_root>/features/<key>.npy` (under `.part`, renamed; no pickle).
+`<media_root>/features/<key>.npy` (under `.part`, renamed, or uploaded whole to
+a bucket: pipeline/media/staging.py; no pickle).
 
 Weights: `<models_root>/hiera/<model>.<checkpoint>/model.safetensors` → a download of Meta's
 checkpoint when online (pipeline/models/hiera.py). `run.weights=random` builds the same
@@ -29,9 +30,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.media.files import save_npy_atomic
+from pipeline.media.files import write_npy
 from pipeline.media.frames import DECODERS, FrameReader
 from pipeline.media.probe import MediaError
+from pipeline.media.staging import media_store
 from pipeline.models.hiera import (
     ARCHITECTURES,
     CHECKPOINT_URLS,
@@ -134,8 +136,8 @@ class Features(Stage):
             "video_pooling": c.pooling,
             "video_precision": self.precision,
         }
-        self.out_dir = Path(self.run.media_root) / "features"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.media = media_store(self.run)  # pipeline/media/staging.py: local files to read and write
+        self.out_dir = self.media.work_dir("features")
         self.decoders = ThreadPoolExecutor(max(1, c.decode_threads), thread_name_prefix="features-decode")
 
     def fetch_weights(self, root: Path) -> list[tuple[str, Path]]:
@@ -173,24 +175,25 @@ class Features(Stage):
     def read_clip(self, row: Row) -> VideoClip | Result:
         c = self.config
         key, path = row["key"], row.get("video_path") or ""
-        if not path or not Path(path).is_file():
+        if not self.media.is_file(path):
             return Result.failed(key, f"missing_file: no video at {path!r} (re-run download)", **self.identity)
         failure = check_window(row, c.clip_s)
         if failure:
             return Result.failed(key, failure, **self.identity)
         decoder = None
         try:
-            reader = FrameReader(path, c.decoder)
-            decoder = reader.decoder
-            start_s = float(row["start_s"])
-            # by timestamp, not index / average fps: right for variable frame rates too
-            indices, inside = reader.indices_at([start_s + i / c.fps for i in range(c.frames)])
-            if inside == 0:
-                raise MediaError(f"no_frames: the clip starts at {start_s:.2f}s, after the "
-                                 f"video's last frame ({reader.duration_s:.2f}s)")
-            # resized as decoded: a 4K clip holds one full-size frame at a time, not `frames` of them
-            frames = np.stack(reader.read(indices, transform=lambda frame: resize_frame(frame, c.crop)))
-            decoder = reader.decoder
+            with self.media.local(path) as file:
+                reader = FrameReader(str(file), c.decoder)
+                decoder = reader.decoder
+                start_s = float(row["start_s"])
+                # by timestamp, not index / average fps: right for variable frame rates too
+                indices, inside = reader.indices_at([start_s + i / c.fps for i in range(c.frames)])
+                if inside == 0:
+                    raise MediaError(f"no_frames: the clip starts at {start_s:.2f}s, after the "
+                                     f"video's last frame ({reader.duration_s:.2f}s)")
+                # resized as decoded: a 4K clip holds one full-size frame at a time, not `frames` of them
+                frames = np.stack(reader.read(indices, transform=lambda frame: resize_frame(frame, c.crop)))
+                decoder = reader.decoder
         except MediaError as e:
             return Result.failed(key, str(e), video_decoder=decoder, **self.identity)
         return VideoClip(key, frames, inside, decoder)
@@ -201,14 +204,14 @@ class Features(Stage):
                            self.device, self.precision)
         results = {}
         for clip, clip_features in zip(clips, features, strict=True):
-            path = self.out_dir / f"{clip.key}.npy"
             try:
-                save_npy_atomic(path, clip_features)
+                with self.media.writing("features", f"{clip.key}.npy") as partial:
+                    write_npy(partial, clip_features)
             except OSError as e:
                 results[clip.key] = Result.failed(clip.key, f"io_error: {e}", **self.identity)
                 continue
             results[clip.key] = Result.ok(
-                clip.key, features_path=str(path), features_shape=list(clip_features.shape),
+                clip.key, features_path=self.media.uri("features", f"{clip.key}.npy"), features_shape=list(clip_features.shape),
                 features_dtype=str(clip_features.dtype), features_fps=len(clip_features) / c.clip_s,
                 frames_read=clip.frames_read, video_decoder=clip.decoder, **self.identity)
         return results

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ import pyarrow as pa
 
 from pipeline.media.frames import DECODERS, FrameReader
 from pipeline.media.probe import MediaError
+from pipeline.media.staging import media_store
 from pipeline.models.clip import (
     FRAME_SHORT_SIDE,
     ClipEmbedder,
@@ -207,14 +207,16 @@ class Filter(Stage):
         path = row.get("video_path")
         decoded: dict[str, Any] = {"decoder": None, "leader_skipped_s": 0.0, "failure": None}
         frames = np.zeros((0, 0, 0, 3), np.uint8)  # same rank as real frames: one tensor column under Ray
-        if not path or not Path(path).is_file():
+        media = media_store(self.run)  # prepare() may run in a task that never ran setup()
+        if not media.is_file(path):
             decoded["failure"] = f"missing_file: no video at {path!r} (re-run download)"
             return {**row, FRAMES: frames, DECODED: decoded}
         reader: FrameReader | None = None
         try:
-            reader = FrameReader(path, self.config.decoder)
-            check_length(reader, self.config.min_duration_s)
-            read, start = sample_frames(reader, self.config.frames, self.shrink, self.config.skip_blank_leader)
+            with media.local(path) as file:
+                reader = FrameReader(str(file), self.config.decoder)
+                check_length(reader, self.config.min_duration_s)
+                read, start = sample_frames(reader, self.config.frames, self.shrink, self.config.skip_blank_leader)
             frames = np.stack(read)
             decoded["leader_skipped_s"] = start / reader.fps if reader.fps else 0.0
         except MediaError as e:

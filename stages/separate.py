@@ -17,7 +17,7 @@ Vocal energy ratios (energy of the model's vocals stem / energy of its input):
 
 Outputs: `<media_root>/instrumental/<key>.flac` (44.1 kHz stereo, 24-bit, samples clipped to
 [-1, 1]) and `<media_root>/instrumental32k/<key>.flac` (32 kHz mono, 16-bit, for EnCodec), each
-written under `.part` and renamed. Weights come from `<models_root>/demucs/<model>/`, Demucs'
+written under `.part` and renamed (or uploaded whole to a bucket, pipeline/media/staging.py). Weights come from `<models_root>/demucs/<model>/`, Demucs'
 `--repo` layout, loaded without pickle (pipeline/models/demucs.py). `run.weights=random` builds
 the same architecture randomly initialised.
 """
@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from pipeline.media.audio import write_resampled_flac
 from pipeline.media.probe import MediaError
+from pipeline.media.staging import media_store
 from pipeline.media.tracks import Track, decode_to_scratch
 from pipeline.models.demucs import TINY_KWARGS, load_bag, resolve_bag
 from pipeline.models.separation import SeparationEngine
@@ -121,11 +122,9 @@ class Separate(Stage):
             batch_segments=c.batch_segments, skip_instrumental=c.skip_instrumental,
             probe_segments=c.probe_segments, instrumental_threshold=c.instrumental_threshold,
             residual_segments=c.residual_segments)
-        media = Path(self.run.media_root)
-        self.out_dir = media / "instrumental"
-        self.out32k_dir = media / "instrumental32k"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.out32k_dir.mkdir(parents=True, exist_ok=True)
+        self.media = media_store(self.run)  # local folders to write in (pipeline/media/staging.py)
+        self.out_dir = self.media.work_dir("instrumental")
+        self.out32k_dir = self.media.work_dir("instrumental32k")
         self.scratch = tempfile.TemporaryDirectory(prefix="discomv-separate-")
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="separate-decode")
 
@@ -165,14 +164,15 @@ class Separate(Stage):
 
     def _decode(self, row: Row) -> Track:
         key, source = row["key"], row.get("video_path") or ""
-        if not source or not Path(source).is_file():
+        if not self.media.is_file(source):
             raise MediaError(f"missing_input: no media file at {source!r}")
         limit = self.config.max_duration_s
         probed = row.get("media_duration_s")
         if limit and probed and probed > limit:  # refused before decoding hours of audio to scratch
             raise MediaError(f"too_long: {probed:.0f}s > {limit:.0f}s (separate.max_duration_s)")
         raw = Path(self.scratch.name) / f"{key}.f32"
-        track = decode_to_scratch(key, Path(source), raw, self.bag.samplerate, self.bag.audio_channels)
+        with self.media.local(source) as file:
+            track = decode_to_scratch(key, file, raw, self.bag.samplerate, self.bag.audio_channels)
         if limit and track.duration_s > limit:
             track.discard()
             raise MediaError(f"too_long: {track.duration_s:.0f}s > {limit:.0f}s (separate.max_duration_s)")
@@ -190,7 +190,7 @@ class Separate(Stage):
 
     def _finish(self, track: Track, failure: str | None) -> Result:
         key = track.key
-        partial = self.out_dir / f"{key}.flac.part"
+        partial, local32k = self.out_dir / f"{key}.flac.part", self.out32k_dir / f"{key}.flac"
         try:
             if failure:
                 partial.unlink(missing_ok=True)
@@ -201,20 +201,23 @@ class Separate(Stage):
                                       audio_duration_s=track.duration_s)
             ratio_after = track.vocal_ratio_before if track.kept_original else (
                 self.engine.residual_vocal_ratio(track, partial))
-            final = self.out_dir / f"{key}.flac"
-            partial.replace(final)
-            final32k = self.out32k_dir / f"{key}.flac"
-            write_resampled_flac(final, final32k, self.config.encodec_sample_rate, channels=1)
+            # the 32 kHz copy first, from the scratch file; then each published whole (on a local
+            # root: renamed into place)
+            write_resampled_flac(partial, local32k, self.config.encodec_sample_rate, channels=1)
+            final = self.media.publish(partial, "instrumental", f"{key}.flac", cache=True)
+            final32k = self.media.publish(local32k, "instrumental32k", f"{key}.flac", cache=True)
         except (MediaError, OSError, RuntimeError) as e:
             partial.unlink(missing_ok=True)
+            if self.media.remote:
+                local32k.unlink(missing_ok=True)
             reason = str(e) if isinstance(e, MediaError) else f"{type(e).__name__}: {e}"
             return Result.failed(key, reason, audio_duration_s=track.duration_s)
         finally:
             track.discard()
         return Result.ok(
             key,
-            instrumental_path=str(final),
-            instrumental32k_path=str(final32k),
+            instrumental_path=final,
+            instrumental32k_path=final32k,
             audio_duration_s=track.duration_s,
             separation_sample_rate=self.bag.samplerate,
             vocal_ratio_before=track.vocal_ratio_before,

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.media.staging import MediaStore, media_store
 from pipeline.options import ConfigError, option
 from pipeline.stage import Resources, Result, Row, Stage
 from pipeline.timeline import STEPS
@@ -109,6 +110,7 @@ class Shards(Stage):
             self.root.mkdir(parents=True, exist_ok=True)
             self.staging = self.root
         self.heldout = _read_keys(self.config.heldout_keys)
+        self.media = media_store(self.run)
 
     def process(self, rows: list[Row]) -> list[Result]:
         shards = read_shards(self.root, clean=True)
@@ -143,15 +145,15 @@ class Shards(Stage):
         key = check_key(row["key"])
         sample = {
             "__key__": key,
-            "tokens.npy": artifact(row, "tokens_path", "tokens.npy"),
-            "hiera.npy": artifact(row, "features_path", "hiera.npy"),
+            "tokens.npy": artifact(row, "tokens_path", "tokens.npy", self.media),
+            "hiera.npy": artifact(row, "features_path", "hiera.npy", self.media),
             **{f"{name}.npy": npy_bytes(array) for name, array in beat_arrays(row).items()},
             "json": json.dumps(provenance(row), default=str, ensure_ascii=False).encode(),
         }
         if self.config.include_flac:
-            sample["flac"] = clip_flac(row)
+            sample["flac"] = clip_flac(row, self.media)
         if self.config.include_mp4:
-            sample["mp4"] = clip_mp4(row, self.config.mp4_height)
+            sample["mp4"] = clip_mp4(row, self.config.mp4_height, self.media)
         return sample
 
     def write_split(self, split: str, rows: list[Row], shards: dict[str, ShardInfo]) -> list[Result]:
@@ -273,10 +275,13 @@ def publish(root: ShardRoot, tmp: Path | None, info: ShardInfo) -> None:
         raise
 
 
-def artifact(row: Row, column: str, member: str) -> FileMember | bytes:
-    """The .npy file named in `column`, as the dtype and rank of sample member `member`."""
+def artifact(row: Row, column: str, member: str, media: MediaStore) -> FileMember | bytes:
+    """The .npy file named in `column`, as the dtype and rank of sample member `member` (on an object
+    store its bytes, read once: no clip's artifact is read twice, so none goes through the cache)."""
     try:
-        return npy_artifact(row[column], *ARRAY_MEMBERS[member])
+        path = row[column]
+        data = media.read_bytes(path) if media.remote and storage.is_remote(path) else None
+        return npy_artifact(path, *ARRAY_MEMBERS[member], data=data)
     except (KeyError, TypeError, FileNotFoundError, IsADirectoryError) as e:
         raise ShardError(f"missing_artifact: {column} {row.get(column)!r} not found") from e
     except OSError as e:
@@ -315,15 +320,15 @@ def provenance(row: Row) -> dict[str, Any]:
     return info
 
 
-def clip_flac(row: Row) -> bytes:
+def clip_flac(row: Row, media: MediaStore) -> bytes:
     import io
 
     import soundfile as sf
 
     path = row.get("instrumental32k_path")
-    if not path or not Path(path).is_file():
+    if not path or not media.is_file(path):
         raise ShardError(f"missing_artifact: instrumental32k_path {path!r} not found")
-    with sf.SoundFile(path) as f:
+    with media.local(path) as file, sf.SoundFile(file) as f:
         rate = f.samplerate
         want = int(round((row["end_s"] - row["start_s"]) * rate))
         f.seek(min(int(round(row["start_s"] * rate)), f.frames))
@@ -335,9 +340,17 @@ def clip_flac(row: Row) -> bytes:
     return buf.getvalue()
 
 
-def clip_mp4(row: Row, height: int) -> bytes:
+def clip_mp4(row: Row, height: int, media: MediaStore) -> bytes:
+    try:
+        with media.local(str(row["video_path"])) as file:
+            return _cut_mp4(row, height, file)
+    except FileNotFoundError as e:
+        raise ShardError(f"missing_artifact: video_path {row['video_path']!r} not found") from e
+
+
+def _cut_mp4(row: Row, height: int, video: Path) -> bytes:
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-ss", str(row["start_s"]), "-t", str(row["end_s"] - row["start_s"]),
-           "-i", str(row["video_path"]), "-vf", f"scale=-2:{height}", "-c:v", "libx264", "-preset", "veryfast",
+           "-i", str(video), "-vf", f"scale=-2:{height}", "-c:v", "libx264", "-preset", "veryfast",
            "-crf", "30", "-c:a", "aac", "-b:a", "64k", "-movflags", "frag_keyframe+empty_moov", "-f", "mp4", "-"]
     out = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
     if out.returncode != 0 or not out.stdout:

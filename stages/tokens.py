@@ -1,8 +1,8 @@
 """tokens: each clip's instrumental (32 kHz mono, from separate) → EnCodec codes, the VMAs targets.
 
 MusicGen's codec (pipeline/models/encodec.py): 4 codebooks of 2048 entries at 50 Hz, so a 10 s clip
-is an int16 array [4, 500] in `<media_root>/tokens/<key>.npy` (written under `.part`, renamed;
-np.save without pickle).
+is an int16 array [4, 500] in `<media_root>/tokens/<key>.npy` (written under `.part`, renamed,
+or uploaded whole to a bucket: pipeline/media/staging.py; np.save without pickle).
 
 * Exact shapes always: the window is read sample-exact; a partial last clip (`padded_s > 0`) is
   padded with silence to the full clip length before encoding.
@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.media.audio import read_audio_window
-from pipeline.media.files import save_npy_atomic
+from pipeline.media.files import write_npy
 from pipeline.media.probe import MediaError
+from pipeline.media.staging import media_store
 from pipeline.models.encodec import (
     ARCHITECTURES,
     CODEBOOKS,
@@ -109,8 +110,8 @@ class Tokens(Stage):
             "codec_weights_sha256": weights.sha256,
             "codec_precision": self.precision,
         }
-        self.out_dir = Path(self.run.media_root) / "tokens"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.media = media_store(self.run)  # pipeline/media/staging.py: local files to read and write
+        self.out_dir = self.media.work_dir("tokens")
         self.reader = ThreadPoolExecutor(max(1, c.decode_threads), thread_name_prefix="tokens-read")
 
     def fetch_weights(self, root: Path) -> list[tuple[str, Path]]:
@@ -129,13 +130,14 @@ class Tokens(Stage):
 
     def read_clip(self, row: Row) -> AudioClip | Result:
         key, path = row["key"], row.get("instrumental32k_path") or ""
-        if not path or not Path(path).is_file():
+        if not self.media.is_file(path):
             return Result.failed(key, f"missing_file: no instrumental at {path!r} (re-run separate)", **self.identity)
         failure = check_window(row, self.config.clip_s)
         if failure:
             return Result.failed(key, failure, **self.identity)
         try:
-            audio, read = read_audio_window(path, float(row["start_s"]), self.samples, SAMPLE_RATE)
+            with self.media.local(path) as file:
+                audio, read = read_audio_window(file, float(row["start_s"]), self.samples, SAMPLE_RATE)
         except MediaError as e:
             return Result.failed(key, str(e), **self.identity)
         expected = self.samples - round(float(row.get("padded_s") or 0.0) * SAMPLE_RATE)
@@ -151,14 +153,14 @@ class Tokens(Stage):
             raise RuntimeError(f"codec returned codes of shape {codes.shape[1:]}, expected {(CODEBOOKS, self.steps)}")
         results = {}
         for clip, clip_codes in zip(clips, codes, strict=True):
-            path = self.out_dir / f"{clip.key}.npy"
             try:
-                save_npy_atomic(path, clip_codes)
+                with self.media.writing("tokens", f"{clip.key}.npy") as partial:
+                    write_npy(partial, clip_codes)
             except OSError as e:
                 results[clip.key] = Result.failed(clip.key, f"io_error: {e}", **self.identity)
                 continue
             results[clip.key] = Result.ok(
-                clip.key, tokens_path=str(path), tokens_shape=list(clip_codes.shape),
+                clip.key, tokens_path=self.media.uri("tokens", f"{clip.key}.npy"), tokens_shape=list(clip_codes.shape),
                 tokens_dtype=str(clip_codes.dtype), audio_samples_read=clip.samples_read, **self.identity)
         return results
 

@@ -208,17 +208,58 @@ def test_kill_mid_manifest_append_on_a_bucket_leaves_no_torn_part(s3_server):
     assert not [o for o in objects(root) if o.endswith(".tmp")]
 
 
-def test_a_media_root_on_a_bucket_fails_fast_naming_the_key():
+def test_a_media_root_on_a_bucket_is_accepted_and_storage_options_are_checked():
     from pipeline.options import ConfigError
     from stages import load_config_dict
 
-    with pytest.raises(ConfigError, match="run.media_root"):
-        load_config_dict({"run": {"media_root": "s3://bucket/media"}})
+    cfg = load_config_dict({"run": {"media_root": "s3://bucket/media", "media_cache_gb": 2}})
+    assert cfg.run.media_root == "s3://bucket/media" and cfg.run.media_cache_gb == 2.0
+    with pytest.raises(ConfigError, match="run.media_cache_gb"):
+        load_config_dict({"run": {"media_root": "s3://bucket/media", "media_cache_gb": 0}})
     cfg = load_config_dict({"run": {"manifest_root": "s3://bucket/m", "storage_options": {"endpoint_url": "http://x"}}})
     assert cfg.run.storage_options == {"endpoint_url": "http://x"}
     with pytest.raises(ConfigError, match="run.storage_options"):
         load_config_dict({"run": {"storage_options": "endpoint_url=http://x"}})
     load_config_dict({})  # and back to none, for the rest of the session
+
+
+def test_media_on_a_bucket_are_published_whole_and_read_through_the_node_cache(s3_server, tmp_path: Path):
+    """Written locally then published (no temp key, no scratch left, the file kept in this node's
+    cache); read on another node (an empty cache) through one fetch; removed through storage, as
+    the janitor does."""
+    from pipeline import janitor, storage
+    from pipeline.media.files import write_npy
+    from pipeline.media.staging import MediaStore
+
+    bucket = s3_server.bucket("media")
+    here = MediaStore(f"{bucket}/media", str(tmp_path / "here"), 1.0)
+    array = np.arange(2000, dtype=np.int16).reshape(4, 500)
+    with here.writing("tokens", "k_000.npy", cache=True) as partial:
+        write_npy(partial, array)
+    uri = here.uri("tokens", "k_000.npy")
+    assert uri == "s3://media/media/tokens/k_000.npy" and objects(bucket) == ["media/media/tokens/k_000.npy"]
+    assert not list((tmp_path / "here" / "scratch").rglob("*.*")), "the scratch file went into the cache"
+    assert here.cache.used_bytes() == storage.file_size(uri)
+    with pytest.raises(RuntimeError):
+        with here.writing("tokens", "k_001.npy") as partial:
+            partial.write_bytes(b"half an array")
+            raise RuntimeError("killed mid-write")
+    assert objects(bucket) == ["media/media/tokens/k_000.npy"], "a failed write publishes nothing"
+
+    there = MediaStore(f"{bucket}/media", str(tmp_path / "there"), 1.0)
+    assert there.is_file(uri) and not there.is_file(here.uri("tokens", "k_001.npy"))
+    for _ in range(2):
+        with there.local(uri) as path:
+            assert path.is_relative_to(tmp_path / "there") and np.array_equal(np.load(path), array)
+    assert len(list(there.cache.objects.glob("*.npy"))) == 1
+    assert there.read_bytes(uri) == (tmp_path / "there" / "objects").joinpath(path.name).read_bytes()
+    with pytest.raises(FileNotFoundError):
+        with there.local(here.uri("tokens", "missing.npy")):
+            pass
+    assert janitor._size(uri) == array.nbytes + 128
+    storage.remove_file(uri)
+    storage.remove_file(uri)  # gone already: nothing to do
+    assert objects(bucket) == [] and janitor._size(uri) is None
 
 
 E2E_N = 12
@@ -237,8 +278,8 @@ def finish(*args: str, timeout: float = 900) -> str:
 
 
 @pytest.mark.slow
-def test_pipeline_with_manifests_and_shards_on_a_bucket_survives_a_kill(s3_server, tmp_path: Path):
-    """`discomv run` with run.manifest_root and run.shard_root on the bucket: SIGKILLed part-way
+def test_pipeline_with_every_root_on_a_bucket_survives_a_kill(s3_server, tmp_path: Path):
+    """`discomv run` with run.manifest_root, run.shard_root and run.media_root on the bucket: SIGKILLed part-way
     (once the shards stage has begun writing), then run to the end → every candidate in exactly one
     terminal state, every sharded clip in exactly one shard, verify clean; status, cost and audit read
     the bucket; the trainer streams the shards from it."""
@@ -255,8 +296,9 @@ def test_pipeline_with_manifests_and_shards_on_a_bucket_survives_a_kill(s3_serve
         (tmp_path / "urls.txt").write_text("".join(f"{server.url}/{n}?n={i}\n" for i, n in enumerate(names)))
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({
-            "run": {"manifest_root": f"{bucket}/manifests", "media_root": str(tmp_path / "media"),
-                    "shard_root": f"{bucket}/shards", "weights": "random", "flush_rows": 2},
+            "run": {"manifest_root": f"{bucket}/manifests", "media_root": f"{bucket}/media",
+                    "media_cache": str(tmp_path / "cache"), "shard_root": f"{bucket}/shards",
+                    "weights": "random", "flush_rows": 2},
             "ingest": {"inputs": [str(tmp_path / "urls.txt")]},
             **SMALL_MODELS,
             "download": {"allow_private_hosts": True, "concurrency": 2, "retries": 1, "backoff_s": 0.05},
@@ -294,3 +336,82 @@ def test_pipeline_with_manifests_and_shards_on_a_bucket_survives_a_kill(s3_serve
     out = finish("train", "--shards", f"{bucket}/shards", "--config", "tiny", "--steps", "3", "--out", str(runs),
                  "--set", "data.batch_size=2", "--set", "eval_interval=2")
     assert (runs / "log.csv").is_file(), out[-2000:]
+
+
+def shard_samples(url: str) -> dict[str, dict]:
+    """Every shard sample's members by key, from a folder or a bucket (test_stream.samples' view:
+    bytes, the provenance JSON without what differs between runs)."""
+    import tarfile
+
+    from test_stream import _without_volatile
+
+    root = shard_root(url)
+    out: dict[str, dict] = {}
+    for info in read_shards(root).values():
+        opened = open(root / info.shard, "rb") if isinstance(root, Path) else root.open(info.shard)
+        with opened as f, tarfile.open(fileobj=f) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                data = tar.extractfile(member).read()
+                out.setdefault(key, {})[ext] = _without_volatile(json.loads(data)) if ext == "json" else data
+    return out
+
+
+@pytest.mark.slow
+def test_all_three_roots_on_a_bucket_give_the_shards_of_a_local_run(s3_server, tmp_path: Path):
+    """`discomv run` with run.media_root, run.manifest_root and run.shard_root on the bucket ends with
+    the same shard samples as the same run on local disk; the manifests name media by their s3://
+    URIs, nothing is written under a local media folder, the node cache stays within its bound
+    (beside files in use) and the janitor removes the media no later stage needs from the bucket,
+    recorded as on disk."""
+    import yaml
+    from test_stream import FAST, same
+
+    from pipeline.media.cache import NodeCache
+    from pipeline.tools import synth
+    from pipeline.tools.localserver import LocalServer
+
+    bucket = s3_server.bucket("three")
+    names = synth.make_copies_corpus(tmp_path / "corpus", 6, broken_every=6)
+    cache_gb = 0.0015  # under the run's videos and stems (~3.5 MB): the cache must evict during the run
+    roots = {
+        "local": {"manifest_root": str(tmp_path / "local" / "manifests"), "media_root": str(tmp_path / "local" / "media"),
+                  "shard_root": str(tmp_path / "local" / "shards")},
+        "bucket": {"manifest_root": f"{bucket}/manifests", "media_root": f"{bucket}/media",
+                   "shard_root": f"{bucket}/shards", "media_cache": str(tmp_path / "cache"),
+                   "media_cache_gb": cache_gb},
+    }
+    with LocalServer(tmp_path / "corpus") as server:
+        (tmp_path / "urls.txt").write_text("".join(f"{server.url}/{n}?n={i}\n" for i, n in enumerate(names)))
+        for name, run_roots in roots.items():
+            config = tmp_path / f"{name}.yaml"
+            config.write_text(yaml.safe_dump({"run": {**run_roots, "weights": "random", "flush_rows": 2},
+                                              "ingest": {"inputs": [str(tmp_path / "urls.txt")]}, **FAST}))
+            finish("run", "-c", str(config), "--no-progress")
+
+    local, remote = shard_samples(roots["local"]["shard_root"]), shard_samples(roots["bucket"]["shard_root"])
+    assert len(local) >= 2 and local.keys() == remote.keys()
+    for key in local:
+        assert local[key].keys() == remote[key].keys()
+        assert same(local[key].pop("json"), remote[key].pop("json")), key
+        assert local[key] == remote[key], key  # tokens, hiera and beat arrays: the same bytes
+
+    store = ManifestStore(f"{bucket}/manifests")
+    paths = {column: [r[column] for r in store.latest(stage).to_pylist() if r["status"] == "ok"]
+             for stage, column in [("download", "video_path"), ("separate", "instrumental32k_path"),
+                                   ("beats", "beats_path"), ("tokens", "tokens_path"), ("features", "features_path")]}
+    for column, values in paths.items():
+        kind = {"video_path": "video", "instrumental32k_path": "instrumental32k"}.get(column, column[:-5])
+        assert values and all(v.startswith(f"{bucket}/media/{kind}/") for v in values), (column, values[:2])
+    present = set(objects(bucket))
+    assert {p.split("://", 1)[1] for p in paths["tokens_path"] + paths["features_path"]} <= present
+    removed = [p for r in store.latest("media").to_pylist() for p in r["removed"]]
+    assert {p.split("://", 1)[1] for p in paths["video_path"]} <= {p.split("://", 1)[1] for p in removed}
+    assert removed and all(p.startswith(f"{bucket}/media/") and p.split("://", 1)[1] not in present for p in removed)
+    assert not [o for o in present if o.endswith((".tmp", ".part"))]
+    assert not Path("s3:").exists(), "a URI taken for a local path"
+    cache = NodeCache(tmp_path / "cache", int(cache_gb * 1e9))
+    sizes = [p.stat().st_size for p in cache.objects.iterdir() if not p.name.endswith(".lock")]
+    assert sizes and not [p for p in cache.objects.iterdir() if p.name.endswith(".fetch")]
+    assert sum(sizes) <= cache.max_bytes + max(sizes), "within the bound, beside the file last in use"
+    assert not [p for p in (tmp_path / "cache" / "scratch").rglob("*") if p.is_file()], "scratch emptied"

@@ -72,23 +72,26 @@ class FileMember:
 NPY_HEAD = 512  # bytes read to check an .npy header (numpy's are 64-byte multiples, these ~128)
 
 
-def npy_artifact(path: str | Path, dtype: str, ndim: int) -> FileMember | bytes:
+def npy_artifact(path: str | Path, dtype: str, ndim: int, data: bytes | None = None) -> FileMember | bytes:
     """An .npy file for a shard: the file itself when its header already says C-order `dtype`
     with `ndim` dimensions and its data are complete (the common case), else its array loaded
-    and converted."""
-    member = FileMember(path)
-    header = npy_header(member.head(NPY_HEAD))
+    and converted. `data`: the file's bytes when already read (from an object store), used instead."""
+    member = FileMember(path) if data is None else None
+    raw = data or b""
+    head, size = (member.head(NPY_HEAD), member.size) if member is not None else (raw[:NPY_HEAD], len(raw))
+    header = npy_header(head)
     if header:
         shape, fortran, file_dtype, offset = header
-        complete = member.size - offset == math.prod(shape) * file_dtype.itemsize
+        complete = size - offset == math.prod(shape) * file_dtype.itemsize
         if file_dtype == np.dtype(dtype) and len(shape) == ndim and not fortran and complete:
-            return member
+            return member if member is not None else raw
+    name = os.path.basename(str(path))
     try:
-        array = np.load(io.BytesIO(member.read()), allow_pickle=False)
+        array = np.load(io.BytesIO(member.read() if member is not None else raw), allow_pickle=False)
     except (ValueError, EOFError) as e:
-        raise ShardError(f"bad_array: {member.name} is not a readable .npy ({e})") from e
+        raise ShardError(f"bad_array: {name} is not a readable .npy ({e})") from e
     if array.ndim != ndim:
-        raise ShardError(f"bad_array: {member.name} has shape {array.shape}, expected {ndim} dimensions")
+        raise ShardError(f"bad_array: {name} has shape {array.shape}, expected {ndim} dimensions")
     return npy_bytes(array.astype(dtype))
 
 
