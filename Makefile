@@ -19,7 +19,7 @@ apt:
 	fi
 
 pip:
-	$(PYTHON) -m pip install -q -e ".[dev,s3]"
+	$(PYTHON) -m pip install -q -e ".[dev,s3,gcs]"
 
 demo:  ## offline end-to-end demo on synthetic music videos served from 127.0.0.1
 	discomv demo --out demo

@@ -1,16 +1,20 @@
 """Roots as local folders or object-store URIs (`s3://bucket/prefix`, `gs://…`, `file://…`) through
 fsspec, and publication that keeps all-or-nothing visibility where rename is not atomic.
 
-A remote object is written whole to a local file first, then published: on S3 by one s3fs upload
-(a PUT, or a multipart upload completed only after its last part: S3 shows the object whole or not
-at all); on other backends under a temp key (`<key>.tmp`, which every reader ignores) and then one
-copy to the final key. Nothing streams into a final key, where a client's `close()` on an error
-could complete a partial upload. See docs/storage.md.
+A remote object is written whole to a local file first, then published: on S3 and GCS by one upload
+straight to the final key (S3: a PUT, or a multipart upload completed only after its last part; GCS:
+a one-request upload, or a resumable upload finalized only by its last chunk: either store shows the
+object whole or not at all); on other backends under a temp key (`<key>.tmp`, which every reader
+ignores) and then one copy to the final key. Nothing streams into a final key, where a client's
+`close()` on an error could complete a partial upload, except the shards stage on S3, whose tar
+writer aborts the multipart upload on an error (ATOMIC_UPLOAD). See docs/storage.md.
 
 Credentials and endpoint come from the client's own environment (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, …) and `run.storage_options` (fsspec's
-keyword arguments, e.g. `endpoint_url`, `key`, `secret`). They are never part of a root's URL, a
-manifest row or a log line: `Root.url` is the URL as configured, and options are held apart.
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, …; GOOGLE_APPLICATION_CREDENTIALS or gcloud's
+application-default credentials, STORAGE_EMULATOR_HOST) and `run.storage_options` (fsspec's keyword
+arguments, e.g. `endpoint_url`, `key`, `secret`; gcsfs: `token`, `project`). They are never part of
+a root's URL, a manifest row or a log line: `Root.url` is the URL as configured, and options are
+held apart.
 """
 
 from __future__ import annotations
@@ -24,9 +28,20 @@ from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
-# Protocols whose client uploads a file whole or not at all: s3fs sends one PUT, or a multipart upload
-# it completes only after every part is in and aborts on an error; S3 shows an object only once its PUT
-# or CompleteMultipartUpload returns. Other fsspec backends go through a temp key and a copy.
+# Protocols whose client publishes a whole local file (`put_file`) or bytes (`pipe_file`) all or
+# nothing, so `Root.publish_file` / `publish_bytes` upload straight to the final key:
+# - s3fs sends one PUT, or a multipart upload it completes only after every part is in and aborts on
+#   an error; S3 shows an object only once its PUT or CompleteMultipartUpload returns.
+# - gcsfs sends one request (`uploadType=multipart`) below 5 MiB, else a resumable upload whose every
+#   Content-Range carries the file's total size; GCS creates the object only when that many bytes are
+#   in (the last chunk), and gcsfs cancels the session (DELETE) on an error. A killed upload leaves an
+#   unfinished session, never an object (gcsfs 2026.10.1: core.py `_put_file`, `_pipe_file`).
+ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs"})
+# Of those, the ones whose streamed write (`fs.open(key, "wb")`) publishes only on `close()` and drops
+# what it has on `discard()`: the shards stage streams each tar straight to its final key there. Not
+# gcsfs: `GCSFile.discard()` before the first chunk has gone up (no session yet) leaves the file open
+# with its buffer, and the file's `__del__` then closes it, uploading the partial bytes as a whole
+# object (seen against the emulator). So on gs:// a shard is staged locally and published as above.
 ATOMIC_UPLOAD = frozenset({"s3", "s3a"})
 OPTIONS_ENV = "DISCOMV_STORAGE_OPTIONS"  # JSON: storage options for processes this one starts (Ray workers)
 _options: dict[str, Any] = {}
@@ -112,8 +127,8 @@ class Root:
     def publish_file(self, local: Path, name: str) -> None:
         """Make `name` the whole of the local file `local`, or leave it as it was: upload under a
         temp key, then one copy to the final key (see the module's docstring); where the client's
-        upload is itself all-or-nothing (ATOMIC_UPLOAD), one upload straight to the final key."""
-        if self.protocol in ATOMIC_UPLOAD:
+        upload is itself all-or-nothing (ATOMIC_PUT), one upload straight to the final key."""
+        if self.protocol in ATOMIC_PUT:
             self.fs.put_file(str(local), self.key(name))
             return
         tmp = self.key(name + TMP_SUFFIX)
@@ -127,7 +142,7 @@ class Root:
                 pass
 
     def publish_bytes(self, data: bytes, name: str) -> None:
-        if self.protocol in ATOMIC_UPLOAD:
+        if self.protocol in ATOMIC_PUT:
             self.fs.pipe_file(self.key(name), data)
             return
         tmp = self.key(name + TMP_SUFFIX)

@@ -214,3 +214,14 @@ def s3_server():
 
     with MotoServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """gcp-storage-emulator on 127.0.0.1 (its own process, in memory) with STORAGE_EMULATOR_HOST
+    pointing gcsfs at it for this process and every process it starts; stopped at the end of the
+    session (pipeline/tools/gcsserver.py)."""
+    from pipeline.tools.gcsserver import GcsEmulator
+
+    with GcsEmulator() as server:
+        yield server

@@ -1,0 +1,91 @@
+"""A Google Cloud Storage JSON API emulator (`gcp-storage-emulator`, in memory) on 127.0.0.1 in its own
+process, for tests that exercise the real GCS client (gcsfs) without a network. Needs the dev extra.
+
+While it runs, for this process and every process it starts:
+- `STORAGE_EMULATOR_HOST` points gcsfs at it (gcsfs reads it when a filesystem is made; no
+  credentials are needed: with none in the environment gcsfs connects anonymously);
+- `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`: by default gcsfs (>= 2026.8) asks the Storage Control
+  gRPC API for each bucket's layout (zonal / hierarchical namespace) before using it; the emulator
+  has no such API, so every call would wait out a 60 s retry and fall back to the plain client.
+  gcsfs reads this variable when it is first imported, so it must be set before that (`__enter__`
+  checks). Against real GCS neither variable is needed.
+Both are restored when it stops."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+ENV_FLAG = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
+
+
+class GcsEmulator:
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self.proc: subprocess.Popen | None = None
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> GcsEmulator:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--in-memory", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        env = {"STORAGE_EMULATOR_HOST": self.endpoint, ENV_FLAG: "false"}
+        self.saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            check_plain_client()
+            self._wait()
+        except BaseException:
+            self.__exit__(None)
+            raise
+        return self
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/", timeout=1).close()
+                return
+            except OSError:
+                if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the GCS emulator did not start (is gcp-storage-emulator installed?)") from None
+                time.sleep(0.1)
+
+    def bucket(self, name: str) -> str:
+        """A new bucket; its `gs://` URL."""
+        import gcsfs
+
+        gcsfs.GCSFileSystem(endpoint_url=self.endpoint, token="anon", skip_instance_cache=True).mkdir(name)
+        return f"gs://{name}"
+
+    def __exit__(self, *_: Any) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_plain_client() -> None:
+    """Fail early if gcsfs was imported before `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` was set: its
+    GCSFileSystem would then be the variant that queries the Storage Control API (see above)."""
+    if "gcsfs" not in sys.modules:
+        return
+    import gcsfs
+    import gcsfs.core
+
+    if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
+        raise RuntimeError(f"gcsfs was imported before {ENV_FLAG}=false was set: start the emulator first")
