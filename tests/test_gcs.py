@@ -79,10 +79,11 @@ def test_storage_options_reach_gcsfs_without_the_environment(gcs_server, monkeyp
     assert store.ok_keys("s") == ["a"]
 
 
-def test_gs_publishes_straight_to_the_final_key(gcs_server, tmp_path: Path):
+def test_gs_publishes_straight_to_the_final_key(gcs_server, tmp_path: Path, monkeypatch):
     """Both of gcsfs's upload paths (one request below 5 MiB; a resumable upload above) publish the
-    whole file under its final name, with no temp key; publishing again replaces it whole."""
+    whole file under its final name, with no temp key and no copy; publishing again replaces it."""
     root = storage.open_root(gcs_server.bucket("publish") + "/p")
+    monkeypatch.setattr(root.fs, "copy", lambda *a, **k: pytest.fail("gs:// goes through a temp key and a copy"))
     small, big = os.urandom(100_000), os.urandom((6 << 20) + 123)
     for name, data in (("small.bin", small), ("big.bin", big)):
         (tmp_path / name).write_bytes(data)
@@ -144,6 +145,39 @@ def test_shards_on_gs_verify_takedown_and_readers(gcs_server, tmp_path: Path):
     assert len({k for info in after.values() for k in info.keys}) == len(rows) - 3
     assert all(after[n].sha256 == before[n] for n in before if n not in removed)
     assert verify(root).ok
+
+
+def test_a_failed_shard_write_on_gs_leaves_no_partial_tar(gcs_server, tmp_path: Path, monkeypatch):
+    """A write error part-way through a shard fails its rows and publishes nothing for it, even once
+    the abandoned writer is garbage-collected (a gcsfs file streamed to the final key would be: its
+    `discard()` before the first chunk keeps the buffer, and `__del__` uploads it; hence gs:// is not
+    in storage.ATOMIC_UPLOAD); a re-run then completes."""
+    import errno
+    import gc
+
+    from pipeline.webds.writer import TarShardWriter
+
+    url = gcs_server.bucket("shards-fail") + "/shards"
+    rows = clip_rows(tmp_path / "art")
+    real, calls = TarShardWriter.write, [0]
+
+    def failing_write(self, sample):
+        calls[0] += 1
+        if calls[0] == 15:  # five samples into the second shard
+            raise OSError(errno.EIO, "injected write error")
+        real(self, sample)
+
+    monkeypatch.setattr(TarShardWriter, "write", failing_write)
+    results = shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows)
+    gc.collect()
+    assert Counter(r.status for r in results)["failed"] > 0
+    root = shard_root(url)
+    tars = [n for n in root.names() if n.endswith(".tar")]
+    assert tars == sorted(read_shards(root)) and verify(root).ok, "only finished shards, each whole"
+    monkeypatch.setattr(TarShardWriter, "write", real)
+    results = shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows)
+    assert Counter(r.status for r in results) == {"ok": len(rows)}
+    assert verify(root, {r["key"] for r in rows}).ok
 
 
 def test_kill_mid_shard_write_on_gs_then_rerun_gives_every_clip_once(gcs_server, tmp_path: Path):
