@@ -1,11 +1,12 @@
 """Media under `run.media_root` — a local folder, a `file://` URL or an object-store URI
-(`s3://bucket/prefix`) — as the stages see it: local files to write, then publish; local files to read.
+(`s3://bucket/prefix`, `gs://…`) — as the stages see it: local files to write, then publish; local files to read.
 
 Writing (`writing`, `publish`): a stage writes an artifact into a local scratch file and publishes it
 whole. On a local root the scratch file is `<final>.part` beside the final name and publishing is
 `os.replace` — the rename every stage did before. On an object store the scratch file lies under the
 node's cache folder and is uploaded with `Root.publish_file` (one PUT or a completed multipart
-upload on S3: the object appears whole or not at all); media later stages read (a download, stems)
+upload on S3, one request or a finalized resumable upload on GCS: the object appears whole or not
+at all); media later stages read (a download, stems)
 then move into the node's cache, so a later stage on the same node reads them without a fetch.
 
 Reading (`local`): `with media.local(path) as file:` gives a local file for ffmpeg, decord and
