@@ -2,8 +2,8 @@
 
 Part files are written to a temp name, fsynced and renamed, so a kill leaves either a whole part
 or none. Readers take the latest row per key; `compact` rewrites a stage into one part. On an object
-store (`s3://…` root) a part is written whole to a local temp file, then published by one upload
-(S3) or a temp key and a copy (other backends; pipeline/storage.py): visible whole or not at all;
+store (`s3://…`, `gs://…` root) a part is written whole to a local temp file, then published by one
+upload (S3, GCS) or a temp key and a copy (other backends; pipeline/storage.py): visible whole or not at all;
 readers list only `part-*.parquet`, never `*.tmp`.
 
 At DISCO-10M scale (15.3M candidates, a download part every 16 rows) nothing here may hold a stage
