@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_resume import kill_group
-from test_s3 import APPENDER, KILLED_WRITER, SCHEMA, row, shards_stage
+from test_s3 import APPENDER, KILLED_WRITER, SCHEMA, check_media_round_trip, row, shards_stage
 from test_shards import clip_rows
 
 from pipeline import storage
@@ -233,39 +233,4 @@ def test_kill_mid_manifest_append_on_gs_leaves_no_torn_part(gcs_server):
 
 
 def test_media_on_gs_are_published_whole_and_read_through_the_node_cache(gcs_server, tmp_path: Path):
-    """Written locally then published (no temp key, no scratch left, the file kept in this node's
-    cache); read on another node (an empty cache) through one fetch; removed through storage, as
-    the janitor does."""
-    from pipeline import janitor
-    from pipeline.media.files import write_npy
-    from pipeline.media.staging import MediaStore
-
-    bucket = gcs_server.bucket("media")
-    here = MediaStore(f"{bucket}/media", str(tmp_path / "here"), 1.0)
-    array = np.arange(2000, dtype=np.int16).reshape(4, 500)
-    with here.writing("tokens", "k_000.npy", cache=True) as partial:
-        write_npy(partial, array)
-    uri = here.uri("tokens", "k_000.npy")
-    assert uri == "gs://media/media/tokens/k_000.npy" and objects(bucket) == ["media/media/tokens/k_000.npy"]
-    assert not list((tmp_path / "here" / "scratch").rglob("*.*")), "the scratch file went into the cache"
-    assert here.cache.used_bytes() == storage.file_size(uri)
-    with pytest.raises(RuntimeError):
-        with here.writing("tokens", "k_001.npy") as partial:
-            partial.write_bytes(b"half an array")
-            raise RuntimeError("killed mid-write")
-    assert objects(bucket) == ["media/media/tokens/k_000.npy"], "a failed write publishes nothing"
-
-    there = MediaStore(f"{bucket}/media", str(tmp_path / "there"), 1.0)
-    assert there.is_file(uri) and not there.is_file(here.uri("tokens", "k_001.npy"))
-    for _ in range(2):
-        with there.local(uri) as path:
-            assert path.is_relative_to(tmp_path / "there") and np.array_equal(np.load(path), array)
-    assert len(list(there.cache.objects.glob("*.npy"))) == 1
-    assert there.read_bytes(uri) == (tmp_path / "there" / "objects").joinpath(path.name).read_bytes()
-    with pytest.raises(FileNotFoundError):
-        with there.local(here.uri("tokens", "missing.npy")):
-            pass
-    assert janitor._size(uri) == array.nbytes + 128
-    storage.remove_file(uri)
-    storage.remove_file(uri)
-    assert objects(bucket) == [] and janitor._size(uri) is None
+    check_media_round_trip(gcs_server.bucket("media"), objects, tmp_path)

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -224,20 +225,24 @@ def test_a_media_root_on_a_bucket_is_accepted_and_storage_options_are_checked():
 
 
 def test_media_on_a_bucket_are_published_whole_and_read_through_the_node_cache(s3_server, tmp_path: Path):
+    check_media_round_trip(s3_server.bucket("media"), objects, tmp_path)
+
+
+def check_media_round_trip(bucket: str, objects: Any, tmp_path: Path) -> None:
     """Written locally then published (no temp key, no scratch left, the file kept in this node's
     cache); read on another node (an empty cache) through one fetch; removed through storage, as
-    the janitor does."""
+    the janitor does. `objects(url)`: the keys under a URL (the backend's own client)."""
     from pipeline import janitor, storage
     from pipeline.media.files import write_npy
     from pipeline.media.staging import MediaStore
 
-    bucket = s3_server.bucket("media")
+    scheme, name = bucket.split("://")
     here = MediaStore(f"{bucket}/media", str(tmp_path / "here"), 1.0)
     array = np.arange(2000, dtype=np.int16).reshape(4, 500)
     with here.writing("tokens", "k_000.npy", cache=True) as partial:
         write_npy(partial, array)
     uri = here.uri("tokens", "k_000.npy")
-    assert uri == "s3://media/media/tokens/k_000.npy" and objects(bucket) == ["media/media/tokens/k_000.npy"]
+    assert uri == f"{scheme}://{name}/media/tokens/k_000.npy" and objects(bucket) == ["media/media/tokens/k_000.npy"]
     assert not list((tmp_path / "here" / "scratch").rglob("*.*")), "the scratch file went into the cache"
     assert here.cache.used_bytes() == storage.file_size(uri)
     with pytest.raises(RuntimeError):
