@@ -9,18 +9,20 @@ fixture turns that off: pipeline/tools/gcsserver.py)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_resume import kill_group
-from test_s3 import APPENDER, KILLED_WRITER, SCHEMA, check_media_round_trip, row, shards_stage
+from test_s3 import (
+    SCHEMA,
+    check_kill_mid_manifest_append,
+    check_kill_mid_shard_write,
+    check_media_round_trip,
+    row,
+    shards_stage,
+)
 from test_shards import clip_rows
 
 from pipeline import storage
@@ -183,53 +185,11 @@ def test_a_failed_shard_write_on_gs_leaves_no_partial_tar(gcs_server, tmp_path: 
 def test_kill_mid_shard_write_on_gs_then_rerun_gives_every_clip_once(gcs_server, tmp_path: Path):
     """On gs:// each shard is staged locally and uploaded whole (storage.ATOMIC_UPLOAD), then its
     sidecar: a SIGKILL anywhere leaves no torn tar, and a re-run writes each clip exactly once."""
-    import tarfile
-
-    url = gcs_server.bucket("shards-kill") + "/shards"
-    rows = clip_rows(tmp_path / "art", videos=30, clips=2)
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
-    root = shard_root(url)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "rows.json"), url, str(tmp_path / "m")],
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len([n for n in root.names() if n.endswith(".tar")]) < 3:
-        time.sleep(0.02)
-    kill_group(proc)
-    assert 2 <= len(read_shards(root)) < 30, "the kill must land part-way"
-    for name in root.names():
-        if name.endswith(".tar"):
-            with root.open(name) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                assert len(tar.getmembers()) == 2 * 6  # two samples of six members, every one whole
-    results = shards_stage(url, str(tmp_path / "m"), max_samples=2).process(rows)
-    assert Counter(r.status for r in results) == {"ok": len(rows)}
-    keys = Counter(k for info in read_shards(root).values() for k in info.keys)
-    assert set(keys) == {r["key"] for r in rows} and set(keys.values()) == {1}
-    assert not [n for n in root.names() if n.endswith(".tmp")]
-    assert verify(root, {r["key"] for r in rows}).ok
+    check_kill_mid_shard_write(gcs_server.bucket("shards-kill") + "/shards", tmp_path)
 
 
 def test_kill_mid_manifest_append_on_gs_leaves_no_torn_part(gcs_server):
-    """SIGKILL a writer appending (and merging) at several points: every part under a final name is
-    whole, rows are only ever duplicated (a kill mid-merge), never lost."""
-    root = gcs_server.bucket("manifest-kill") + "/m"
-    acknowledged = 0
-    for target, extra_s in ((3, 0.05), (MERGE_FANIN + 4, 0.15), (2 * MERGE_FANIN - 1, 0.0)):
-        proc = subprocess.Popen([sys.executable, "-c", APPENDER, root], stdout=subprocess.PIPE, start_new_session=True)
-        done = 0
-        while done < target and proc.stdout.readline():
-            done += 1
-        time.sleep(extra_s)
-        kill_group(proc)
-        acknowledged = max(acknowledged, done + len(proc.stdout.read().split()))
-        store = ManifestStore(root)
-        for part in store.parts("s"):
-            assert store._parquet(part).read().num_rows % 4 == 0
-        keys = store.latest("s").column("key").to_pylist()
-        assert len(keys) == len(set(keys))
-        assert acknowledged * 4 <= len(keys), "an acknowledged append was lost"
-    assert acknowledged > MERGE_FANIN, "the kills must land after merges have run"
-    ManifestStore(root).compact("s")
-    assert not [o for o in objects(root) if o.endswith(".tmp")]
+    check_kill_mid_manifest_append(gcs_server.bucket("manifest-kill") + "/m", objects)
 
 
 def test_media_on_gs_are_published_whole_and_read_through_the_node_cache(gcs_server, tmp_path: Path):

@@ -140,7 +140,11 @@ stage.process(rows)
 
 
 def test_kill_mid_shard_write_on_a_bucket_then_rerun_gives_every_clip_once(s3_server, tmp_path: Path):
-    url = s3_server.bucket("shards-kill") + "/shards"
+    check_kill_mid_shard_write(s3_server.bucket("shards-kill") + "/shards", tmp_path)
+
+
+def check_kill_mid_shard_write(url: str, tmp_path: Path) -> None:
+    """SIGKILL a shard writer part-way: no torn tar under a final name; a re-run writes each clip once."""
     rows = clip_rows(tmp_path / "art", videos=30, clips=2)
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     root = shard_root(url)
@@ -184,10 +188,13 @@ for i in range(10_000):
 
 
 def test_kill_mid_manifest_append_on_a_bucket_leaves_no_torn_part(s3_server):
+    check_kill_mid_manifest_append(s3_server.bucket("manifest-kill") + "/m", objects)
+
+
+def check_kill_mid_manifest_append(root: str, objects: Any) -> None:
     """SIGKILL a writer appending (and merging: 16 appends make a merge) at several points: every part
     under a final name is whole, rows are only ever duplicated (a kill mid-merge), never lost, and
     appends after the kill go on from there."""
-    root = s3_server.bucket("manifest-kill") + "/m"
     acknowledged = 0
     for target, extra_s in ((3, 0.05), (MERGE_FANIN + 4, 0.15), (2 * MERGE_FANIN - 1, 0.0)):
         proc = subprocess.Popen([sys.executable, "-c", APPENDER, root], stdout=subprocess.PIPE, start_new_session=True)
