@@ -19,6 +19,7 @@ from test_s3 import (
     SCHEMA,
     check_kill_mid_manifest_append,
     check_kill_mid_shard_write,
+    check_manifest_on_a_bucket,
     check_media_round_trip,
     row,
     shards_stage,
@@ -26,7 +27,7 @@ from test_s3 import (
 from test_shards import clip_rows
 
 from pipeline import storage
-from pipeline.manifest import MERGE_FANIN, ManifestStore
+from pipeline.manifest import ManifestStore
 from pipeline.webds.index import read_shards, shard_root
 from pipeline.webds.verify import verify
 from trainer.data import list_shards
@@ -45,27 +46,7 @@ def objects(url: str) -> list[str]:
 
 
 def test_manifest_on_gs_appends_merges_and_compacts(gcs_server):
-    """Appends, merges (16 parts of a level make one of the next), latest rows and pending keys
-    through duckdb reading gs:// via the registered gcsfs filesystem, compaction and temp keys."""
-    root = gcs_server.bucket("manifest-basic") + "/manifests"
-    store = ManifestStore(root)
-    assert store.latest("s") is None and list(store.stages()) == []
-    store.append("s", SCHEMA, [row("a", "failed", 0), row("b", "ok", 0)])
-    store.append("s", SCHEMA, [row("a", "ok", 5, score=1.0)])
-    latest = {r["key"]: r for r in store.latest("s").to_pylist()}
-    assert latest["a"]["status"] == "ok" and latest["a"]["score"] == 1.0 and set(latest) == {"a", "b"}
-    assert store.done_keys("s", "1", "p") == {"a", "b"} and store.ok_keys("s") == ["a", "b"]
-    for i in range(MERGE_FANIN):
-        store.append("s", SCHEMA, [row(f"k{i:02d}", minutes=i)])
-    assert len(store.parts("s")) == 3 and store.read("s").num_rows == 3 + MERGE_FANIN
-    assert all(p.startswith(f"{root}/s/part-") for p in store.parts("s"))
-    assert list(store.stages()) == ["s"]
-    assert not [o for o in objects(root) if o.endswith(".tmp")], "gs:// parts go straight to their key"
-    gcs().pipe_file(f"{root}/s/part-99999999999999999999-deadbeef.parquet.tmp", b"half a part")
-    assert store.read("s").num_rows == 3 + MERGE_FANIN
-    assert store.compact("s") == (3, 2 + MERGE_FANIN)
-    assert [o.rsplit("/", 1)[-1].endswith("-L9.parquet") for o in objects(root)] == [True]
-    assert ManifestStore(root).latest_rows("s")["a"]["score"] == 1.0
+    check_manifest_on_a_bucket(gcs_server.bucket("manifest-basic") + "/manifests", objects)
 
 
 def test_storage_options_reach_gcsfs_without_the_environment(gcs_server, monkeypatch):

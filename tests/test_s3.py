@@ -19,6 +19,7 @@ import pytest
 from test_resume import kill_group
 from test_shards import clip_rows
 
+from pipeline import storage
 from pipeline.manifest import MERGE_FANIN, ManifestStore, full_schema
 from pipeline.options import RunConfig
 from pipeline.webds.index import read_shards, shard_root
@@ -46,7 +47,12 @@ def objects(url: str) -> list[str]:
 
 
 def test_manifest_on_a_bucket_appends_merges_and_compacts(s3_server):
-    root = s3_server.bucket("manifest-basic") + "/manifests"
+    check_manifest_on_a_bucket(s3_server.bucket("manifest-basic") + "/manifests", objects)
+
+
+def check_manifest_on_a_bucket(root: str, objects: Any) -> None:
+    """Appends, merges (16 parts of a level make one of the next), latest rows and pending keys
+    through duckdb reading the bucket via the registered fsspec filesystem, compaction, temp keys."""
     store = ManifestStore(root)
     assert store.latest("s") is None and list(store.stages()) == []
     store.append("s", SCHEMA, [row("a", "failed", 0), row("b", "ok", 0)])
@@ -57,15 +63,17 @@ def test_manifest_on_a_bucket_appends_merges_and_compacts(s3_server):
     for i in range(MERGE_FANIN):  # 18 parts in all: 16 of level 0 merge into one of level 1
         store.append("s", SCHEMA, [row(f"k{i:02d}", minutes=i)])
     assert len(store.parts("s")) == 3 and store.read("s").num_rows == 3 + MERGE_FANIN
+    assert all(p.startswith(f"{root}/s/part-") for p in store.parts("s"))
     assert list(store.stages()) == ["s"]
+    assert not [o for o in objects(root) if o.endswith(".tmp")], "parts go straight to their key"
     # a temp key a killed writer left is invisible to readers and removed by compaction
-    import s3fs
-
-    s3fs.S3FileSystem().pipe_file(f"{root}/s/part-99999999999999999999-deadbeef.parquet.tmp", b"half a part")
+    fs, key = storage.fs_of(f"{root}/s/part-99999999999999999999-deadbeef.parquet.tmp")
+    fs.pipe_file(key, b"half a part")
     assert store.read("s").num_rows == 3 + MERGE_FANIN
     assert store.compact("s") == (3, 2 + MERGE_FANIN)
     assert [o.rsplit("/", 1)[-1].endswith("-L9.parquet") for o in objects(root)] == [True]
     assert ManifestStore(root).latest("s").num_rows == 2 + MERGE_FANIN
+    assert ManifestStore(root).latest_rows("s")["a"]["score"] == 1.0
 
 
 def shards_stage(shard_root: str, manifest_root: str, **options) -> Shards:
