@@ -13,7 +13,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 from test_s3 import (
     SCHEMA,
@@ -21,6 +20,7 @@ from test_s3 import (
     check_kill_mid_shard_write,
     check_manifest_on_a_bucket,
     check_media_round_trip,
+    check_shards_on_a_bucket,
     row,
     shards_stage,
 )
@@ -30,7 +30,6 @@ from pipeline import storage
 from pipeline.manifest import ManifestStore
 from pipeline.webds.index import read_shards, shard_root
 from pipeline.webds.verify import verify
-from trainer.data import list_shards
 
 
 def gcs():
@@ -86,48 +85,7 @@ def test_gs_publishes_straight_to_the_final_key(gcs_server, tmp_path: Path, monk
 
 
 def test_shards_on_gs_verify_takedown_and_readers(gcs_server, tmp_path: Path):
-    from datasets import load_dataset
-
-    from pipeline.webds.takedown import remove_from_shards
-
-    url = gcs_server.bucket("shards-basic") + "/built/shards"
-    rows = clip_rows(tmp_path / "art")
-    results = shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows)
-    assert [r.status for r in results] == ["ok"] * len(rows)
-    names = [o.rsplit("/", 1)[-1] for o in objects(url)]
-    assert "index.parquet" in names and not [n for n in names if n.endswith(".tmp")]
-    root = shard_root(url)
-    shards = read_shards(root)
-    assert sorted(k for info in shards.values() for k in info.keys) == sorted(r["key"] for r in rows)
-    report = verify(root, {r["key"] for r in rows})
-    assert report.ok and report.samples == len(rows), report.faults
-    assert shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows[:5])
-    assert len(read_shards(root)) == len(shards), "a re-run finds the finished samples"
-
-    # HF datasets (its own fsspec resolution of gs://) and the trainer read the shards unmodified
-    tars = [f"{url}/{name}" for name in sorted(shards)]
-    ds = load_dataset("webdataset", data_files={"s": tars}, split="s", cache_dir=str(tmp_path / "hf"))
-    assert sorted(ds["__key__"]) == sorted(r["key"] for r in rows)
-    first = next(s for s in ds if s["__key__"] == rows[0]["key"])
-    assert np.array_equal(np.asarray(first["tokens.npy"]), np.load(rows[0]["tokens_path"]))
-    assert sum(len(list_shards(url, split)) for split in ("train", "val", "test")) == len(shards)
-
-    victim = f"{url}/{sorted(shards)[0]}"
-    data = bytearray(gcs().cat_file(victim))
-    data[2000] ^= 0xFF
-    gcs().pipe_file(victim, bytes(data))
-    assert any("sha256" in f for f in verify(root).faults), "a corrupted object is caught"
-    data[2000] ^= 0xFF
-    gcs().pipe_file(victim, bytes(data))
-    assert verify(root).ok
-
-    before = {info.shard: info.sha256 for info in read_shards(root).values()}
-    removed = remove_from_shards(root, {"yt_vid00000003"})
-    assert sorted(k for keys in removed.values() for k in keys) == [f"yt_vid00000003_{c:03d}" for c in range(3)]
-    after = read_shards(root)
-    assert len({k for info in after.values() for k in info.keys}) == len(rows) - 3
-    assert all(after[n].sha256 == before[n] for n in before if n not in removed)
-    assert verify(root).ok
+    check_shards_on_a_bucket(gcs_server.bucket("shards-basic") + "/built/shards", objects, tmp_path)
 
 
 def test_a_failed_shard_write_on_gs_leaves_no_partial_tar(gcs_server, tmp_path: Path, monkeypatch):

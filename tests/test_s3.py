@@ -83,10 +83,23 @@ def shards_stage(shard_root: str, manifest_root: str, **options) -> Shards:
 
 
 def test_shards_on_a_bucket_verify_takedown_and_readers(s3_server, tmp_path: Path):
-    url = s3_server.bucket("shards-basic") + "/built/shards"
+    root, rows, results = check_shards_on_a_bucket(s3_server.bucket("shards-basic") + "/built/shards", objects, tmp_path)
+    # takedown marks the video dropped in the manifest, on the bucket too
+    store = ManifestStore(s3_server.bucket("shards-basic-m") + "/m")
+    now = datetime.now(timezone.utc)
+    store.append("shards", full_schema(Shards.schema), [
+        {"key": r.key, "status": "ok", "reason": "", "stage_version": "1", "params_hash": "p", "weights": "none",
+         "run_id": "r", "finished_at": now, "elapsed_s": 0.0, "node": "n", **r.metrics} for r in results])
+    assert mark_in_manifests(store, {"yt_vid00000003"}, ["shards"]) == 3
+    assert verify(root, set(store.ok_keys("shards"))).ok
+
+
+def check_shards_on_a_bucket(url: str, objects: Any, tmp_path: Path) -> tuple[Any, list[dict], list[Any]]:
+    """Shards written to the bucket: whole, found again by a re-run, verified (a corrupted object
+    caught), read unmodified by HF datasets and the trainer, and taken down shard by shard.
+    Returns (shard root, clip rows, results)."""
     rows = clip_rows(tmp_path / "art")
-    stage = shards_stage(url, str(tmp_path / "m"), max_samples=10)
-    results = stage.process(rows)
+    results = shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows)
     assert [r.status for r in results] == ["ok"] * len(rows)
     names = [o.rsplit("/", 1)[-1] for o in objects(url)]
     assert "index.parquet" in names and not [n for n in names if n.endswith(".tmp")]
@@ -95,9 +108,10 @@ def test_shards_on_a_bucket_verify_takedown_and_readers(s3_server, tmp_path: Pat
     assert sorted(k for info in shards.values() for k in info.keys) == sorted(r["key"] for r in rows)
     report = verify(root, {r["key"] for r in rows})
     assert report.ok and report.samples == len(rows), report.faults
-    assert shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows[:5]) and len(read_shards(root)) == len(shards)
+    assert shards_stage(url, str(tmp_path / "m"), max_samples=10).process(rows[:5])
+    assert len(read_shards(root)) == len(shards), "a re-run finds the finished samples"
 
-    # HF datasets and webdataset (through the trainer's fsspec opener) read the shards unmodified
+    # HF datasets (its own fsspec resolution of the URL) and the trainer read the shards unmodified
     from datasets import load_dataset
 
     tars = [f"{url}/{name}" for name in sorted(shards)]
@@ -107,32 +121,24 @@ def test_shards_on_a_bucket_verify_takedown_and_readers(s3_server, tmp_path: Pat
     assert np.array_equal(np.asarray(first["tokens.npy"]), np.load(rows[0]["tokens_path"]))
     assert sum(len(list_shards(url, split)) for split in ("train", "val", "test")) == len(shards)
 
-    # a corrupted object is caught, as on disk
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    victim = sorted(shards)[0]
-    data = bytearray(fs.cat_file(f"{url}/{victim}"))
+    fs, victim = storage.fs_of(f"{url}/{sorted(shards)[0]}")
+    data = bytearray(fs.cat_file(victim))
     data[2000] ^= 0xFF
-    fs.pipe_file(f"{url}/{victim}", bytes(data))
-    assert any("sha256" in f for f in verify(root).faults)
-    fs.pipe_file(f"{url}/{victim}", bytes(data[:2000]) + bytes([data[2000] ^ 0xFF]) + bytes(data[2001:]))
+    fs.pipe_file(victim, bytes(data))
+    assert any("sha256" in f for f in verify(root).faults), "a corrupted object is caught"
+    data[2000] ^= 0xFF
+    fs.pipe_file(victim, bytes(data))
     assert verify(root).ok
 
     # takedown rewrites only the shards holding the video
-    store = ManifestStore(s3_server.bucket("shards-basic-m") + "/m")
-    now = datetime.now(timezone.utc)
-    store.append("shards", full_schema(Shards.schema), [
-        {"key": r.key, "status": "ok", "reason": "", "stage_version": "1", "params_hash": "p", "weights": "none",
-         "run_id": "r", "finished_at": now, "elapsed_s": 0.0, "node": "n", **r.metrics} for r in results])
     before = {info.shard: info.sha256 for info in read_shards(root).values()}
     removed = remove_from_shards(root, {"yt_vid00000003"})
     assert sorted(k for keys in removed.values() for k in keys) == [f"yt_vid00000003_{c:03d}" for c in range(3)]
     after = read_shards(root)
     assert len({k for info in after.values() for k in info.keys}) == len(rows) - 3
     assert all(after[n].sha256 == before[n] for n in before if n not in removed)
-    assert mark_in_manifests(store, {"yt_vid00000003"}, ["shards"]) == 3
-    assert verify(root, set(store.ok_keys("shards"))).ok
+    assert verify(root).ok
+    return root, rows, results
 
 
 KILLED_WRITER = """
