@@ -27,7 +27,7 @@ from pipeline.manifest import ManifestStore, conform, full_schema, params_hash
 from pipeline.placement import actors_that_fit, check_gpus_exist, check_prepare_fits, cpus_each, task_slots
 from pipeline.plan import plan_stage
 from pipeline.stage import AUTO, OK, STATUSES, Row, SourceStage, Stage
-from pipeline.worker import WireStageWorker, prepare_in_task, process_in_task
+from pipeline.worker import WireStageWorker, node_id, prepare_in_task, process_in_task
 
 log = logging.getLogger("discomv")
 FLUSH_SECONDS = 3.0
@@ -169,13 +169,13 @@ def _record_tables(stage: Stage, tables: Iterator[Any], store: ManifestStore, ph
     import pyarrow as pa
 
     schema = full_schema(stage.schema)
-    summary.workers = 1
+    summary.workers, node = 1, node_id()
     started = time.perf_counter()  # a row's time includes reading it: the stage's work is mostly that
     for table in tables:
         results = stage.process_table(table)
         now, per_row = datetime.now(timezone.utc), (time.perf_counter() - started) / max(1, table.num_rows)
         stamps = dict(stage_version=stage.version, params_hash=phash, run_id=run_id, finished_at=now,
-                      elapsed_s=per_row, weights=getattr(stage, "weights_stamp", "none"), node=_driver_node())
+                      elapsed_s=per_row, weights=getattr(stage, "weights_stamp", "none"), node=node)
         for column in schema:
             if column.name in stamps:
                 results = results.append_column(column, pa.repeat(pa.scalar(stamps[column.name], column.type),
@@ -186,12 +186,6 @@ def _record_tables(stage: Stage, tables: Iterator[Any], store: ManifestStore, ph
         bar.update(results.num_rows)
         started = time.perf_counter()
     bar.close()
-
-
-def _driver_node() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
 
 
 def reason_class(reason: str | None) -> str:

@@ -37,7 +37,7 @@ class StageWorker:
         self.stage = stage
         self.stage.setup()
         self.allowed = set(type(stage).schema.names)
-        self.node = _node_id()
+        self.node = node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = unpack_rows(batch)
@@ -175,7 +175,7 @@ def process_in_task(batch: dict[str, Any], stage_cls: type[Stage], name: str, co
     return _WORKERS[key](batch)
 
 
-def _node_id() -> str:
+def node_id() -> str:
     import ray
 
     if not ray.is_initialized():  # outside Ray (unit tests, bench/scale.py): asking would start Ray

@@ -122,11 +122,11 @@ class Ingest(SourceStage):
             self._inputs.append(source_input)
             for table in source_input.tables(keys_only=True):
                 ords = pa.array(range(start, start + table.num_rows), pa.int64())
-                keys = canonical_columns(raw_column(table, source_input.columns), source_input.source,
-                                         *source_input.where(table, ords))
+                where = source_input.where(table, ords)
+                keys = canonical_columns(raw_column(table, source_input.columns), source_input.source, *where)
                 cut = self._limit_cut(keys, seen)
                 keys, ords = {k: v.slice(0, cut) for k, v in keys.items()}, ords.slice(0, cut)
-                pseudo += self._pseudo(keys, ords, source_input, table.slice(0, cut))
+                pseudo += self._pseudo(keys, ords, source_input.source, [w.slice(0, cut) for w in where])
                 chunks.append(pa.table({"key": keys["key"], "ord": ords}))
                 start += cut
                 if self._limit_reached(seen):
@@ -151,17 +151,16 @@ class Ingest(SourceStage):
         return len(keys["key"])
 
     @staticmethod
-    def _pseudo(keys: dict[str, Any], ords: pa.Array, source_input: SourceInput, table: pa.Table) -> list[tuple]:
+    def _pseudo(keys: dict[str, Any], ords: pa.Array, source: str, where: list[Any]) -> list[tuple]:
         """(ord, pseudo id, source, where) of the batch's YouTube-8M pseudo ids."""
         import numpy as np
 
         index = np.flatnonzero(keys["yt8m_id"].is_valid().to_numpy(zero_copy_only=False))
         if not len(index):
             return []
-        files, rows = source_input.where(table, ords)
-        return [(o, p, source_input.source, (f, r)) for o, p, f, r in zip(
-            ords.take(index).to_pylist(), keys["yt8m_id"].take(index).to_pylist(), files.take(index).to_pylist(),
-            rows.take(index).to_pylist(), strict=True)]
+        files, rows = (w.take(index).to_pylist() for w in where)
+        return [(o, p, source, (f, r)) for o, p, f, r in zip(
+            ords.take(index).to_pylist(), keys["yt8m_id"].take(index).to_pylist(), files, rows, strict=True)]
 
     def _open(self, source: str, path: Path, start: int) -> SourceInput:
         try:

@@ -289,16 +289,20 @@ def canonical_columns(raw: Any, source: str, files: Any, rows: Any) -> dict[str,
 
 
 def _stripped(column: Any) -> Any:
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    if _is_text(column.type):
         return pc.utf8_trim_whitespace(column).cast(pa.string())
     return pa.chunked_array([pa.array([str(v).strip() if v else None for v in column.to_pylist()], pa.string())])
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def text_column(column: Any, n: int) -> Any:
     """A text field: stripped, at most 2000 characters; other types as their text, row by row."""
     if column is None:
         return pa.nulls(n, pa.string())
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    if _is_text(column.type):
         return pc.utf8_slice_codeunits(pc.utf8_trim_whitespace(column), 0, 2000).cast(pa.string())
     return pa.array([_text(v.strip() if isinstance(v, str) else v) for v in column.to_pylist()], pa.string())
 
