@@ -13,52 +13,25 @@ Both are restored when it stops."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from typing import Any
+
+from pipeline.tools.serverprocess import ServerProcess
 
 ENV_FLAG = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
 
 
-class GcsEmulator:
-    def __init__(self) -> None:
-        self.endpoint = ""
-        self.proc: subprocess.Popen | None = None
-        self.saved: dict[str, str | None] = {}
+class GcsEmulator(ServerProcess):
+    name = "the GCS emulator (gcp-storage-emulator)"
 
-    def __enter__(self) -> GcsEmulator:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
-             "--in-memory", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.endpoint = f"http://127.0.0.1:{port}"
-        env = {"STORAGE_EMULATOR_HOST": self.endpoint, ENV_FLAG: "false"}
-        self.saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            check_plain_client()
-            self._wait()
-        except BaseException:
-            self.__exit__(None)
-            raise
-        return self
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+                "--in-memory", "--quiet"]
 
-    def _wait(self) -> None:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/", timeout=1).close()
-                return
-            except OSError:
-                if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the GCS emulator did not start (is gcp-storage-emulator installed?)") from None
-                time.sleep(0.1)
+    def environment(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint, ENV_FLAG: "false"}
+
+    def before_ready(self) -> None:
+        check_plain_client()
 
     def bucket(self, name: str) -> str:
         """A new bucket; its `gs://` URL."""
@@ -66,17 +39,6 @@ class GcsEmulator:
 
         gcsfs.GCSFileSystem(endpoint_url=self.endpoint, token="anon", skip_instance_cache=True).mkdir(name)
         return f"gs://{name}"
-
-    def __exit__(self, *_: Any) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            self.proc = None
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def check_plain_client() -> None:
