@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from machine import describe, record  # noqa: E402 - bench/ is the script's folder
+from machine import CpuMeter, describe, record  # noqa: E402 - bench/ is the script's folder
 
 
 def write_run_config(folder: Path, inputs: list[str], fast: bool) -> Path:
@@ -115,13 +115,15 @@ def run_chain(stages: list[Any], first_input: dict[str, Any], row: dict[str, Any
 # ---------------------------------------------------------------- measuring both
 
 
-def timed_process(cmd: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, check=False)
-    seconds = time.perf_counter() - started
+def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, CpuMeter]:
+    """Wall seconds of `cmd`, and the machine's busy CPU over them."""
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, check=False)
+        seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[1:4])} … exited with {proc.returncode}")
-    return seconds
+    return seconds, cpu
 
 
 def pipeline_outcome(config_path: Path) -> dict[str, Any]:
@@ -181,41 +183,44 @@ def compare(n_videos: int, fast: bool, work: Path) -> int:
                                      ("`discomv run`, run.executor=stages (stage after stage)", "stages",
                                       ["--set", "run.executor=stages"])):
             config = write_run_config(work / folder, inputs, fast)
-            seconds = timed_process(cli + [str(config)] + extra, env)
-            runs.append((label, seconds, pipeline_outcome(config), *shard_keys(config)))
+            seconds, cpu = timed_process(cli + [str(config)] + extra, env)
+            runs.append((label, seconds, cpu, pipeline_outcome(config), *shard_keys(config)))
         loop_config = write_run_config(work / "loop", inputs, fast)
         loop_out = work / "loop" / "outcome.json"
-        loop_s = timed_process([sys.executable, str(Path(__file__).resolve()), "--loop-config", str(loop_config),
+        loop_s, loop_cpu = timed_process([sys.executable, str(Path(__file__).resolve()), "--loop-config", str(loop_config),
                                 "--loop-out", str(loop_out)], env)
-    runs.append(("plain loop, one video at a time, one process", loop_s, json.loads(loop_out.read_text()),
+    runs.append(("plain loop, one video at a time, one process", loop_s, loop_cpu, json.loads(loop_out.read_text()),
                  *shard_keys(loop_config)))
     return report(len(entries), fast, header, runs)
 
 
 def report(candidates: int, fast: bool, header: str, runs: list[tuple]) -> int:
-    """runs: (label, seconds, outcome, shard keys, verify faults) for streaming, stage after stage, loop."""
-    (_, stream_s, ours, keys, _), (_, stages_s, _, _, _), (_, loop_s, _, _, _) = runs
+    """runs: (label, seconds, CPU meter, outcome, shard keys, verify faults) for streaming, stage after
+    stage, loop."""
+    (_, stream_s, _, ours, keys, _), (_, stages_s, _, _, _, _), (_, loop_s, loop_cpu, _, _, _) = runs
     audio_h = ours["audio_s"] / 3600
     models = "test models (tiny8k / encodec_32khz_test / hiera_test_16x224)" if fast else "real architectures, random init"
     print(f"\n### end-to-end: {candidates} candidates ({candidates - 5} synthetic 20 s music videos + 5 broken), "
           f"{models}, demo settings\n")
-    print("| runner | wall s | videos/s | audio-h per h | shard samples |")
-    print("|---|---:|---:|---:|---:|")
-    for label, seconds, _, run_keys, _ in runs:
-        print(f"| {label} | {seconds:.1f} | {candidates / seconds:.3f} | {audio_h * 3600 / seconds:.2f} | {len(run_keys)} |")
-    for label, _, outcome, _, _ in runs:
+    print("| runner | wall s | videos/s | audio-h per h | machine CPU over the run | shard samples |")
+    print("|---|---:|---:|---:|---|---:|")
+    for label, seconds, cpu, _, run_keys, _ in runs:
+        print(f"| {label} | {seconds:.1f} | {candidates / seconds:.3f} | {audio_h * 3600 / seconds:.2f} | "
+              f"{cpu.describe()} | {len(run_keys)} |")
+    for label, _, _, outcome, _, _ in runs:
         print(f"per-stage statuses, {label}: {outcome['statuses']}")
     print(f"streaming / plain loop: {loop_s / stream_s:.2f}×; streaming / stage after stage: {stages_s / stream_s:.2f}×; "
           f"downloaded audio {ours['audio_s']:.0f} s\nmachine: {header}")
+    print(ceiling(loop_cpu))
     problems = []
-    for label, _, outcome, run_keys, _ in runs[1:]:
+    for label, _, _, outcome, run_keys, _ in runs[1:]:
         if run_keys != keys:
             problems.append(f"shard samples differ: streaming {len(keys)}, {label} {len(run_keys)}")
         if outcome["statuses"] != ours["statuses"]:
             problems.append(f"per-stage status counts differ from {label}")
         if abs(outcome["audio_s"] - ours["audio_s"]) > 1e-6:
             problems.append(f"downloaded audio differs: {outcome['audio_s']} vs {ours['audio_s']}")
-    problems += [f"verify: {fault}" for run in runs for fault in run[4]]
+    problems += [f"verify: {fault}" for run in runs for fault in run[5]]
     if not keys:
         problems.append("no shard samples: nothing measured end to end")
     if problems:
@@ -225,8 +230,18 @@ def report(candidates: int, fast: bool, header: str, runs: list[tuple]) -> int:
            f"audio-h/h ({candidates} candidates → {len(keys)} shard samples in {stream_s:.0f} s; {models}); stage after "
            f"stage {stages_s:.0f} s (streaming at {stages_s / stream_s:.2f}× its speed)",
            f"plain loop, one video at a time: {candidates / loop_s:.3f} videos/s, {audio_h * 3600 / loop_s:.2f} audio-h/h "
-           f"({loop_s:.0f} s)", loop_s / stream_s, "same shard samples and per-stage statuses in all three")
+           f"({loop_s:.0f} s)", loop_s / stream_s, "same shard samples and per-stage statuses in all three; "
+           f"the loop kept {loop_cpu.fraction:.0%} of the cores busy")
     return 0
+
+
+def ceiling(loop_cpu: CpuMeter) -> str:
+    """What the loop's CPU use allows any executor on this machine (see CpuMeter)."""
+    if loop_cpu.fraction != loop_cpu.fraction:
+        return "ceiling: not measured (no /proc/stat)"
+    return (f"ceiling: the plain loop kept {loop_cpu.fraction:.0%} of the cores busy, so on this machine any "
+            f"executor doing at least its CPU work is at most {1 / max(loop_cpu.fraction, 1e-9):.2f}× the loop; "
+            "more than that needs work on other resources at once (GPU stages, downloads waiting on the network)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import record  # noqa: E402
+from machine import CpuMeter, record  # noqa: E402
 
 from pipeline.tools import synth  # noqa: E402
 from pipeline.tools.demo import SMALL_MODELS  # noqa: E402
@@ -137,12 +137,12 @@ def main() -> int:
             results[executor] = run_one(out / executor, out / "urls.txt", executor)
             if results[executor] is None:
                 return 1
-    for executor, (wall, log, samples, _) in results.items():
-        report(args.candidates, executor, wall, log, samples)
+    for executor, (wall, log, samples, _, cpu) in results.items():
+        report(args.candidates, executor, wall, log, samples, cpu)
     return compare(args.candidates, results) if len(results) == 2 else 0
 
 
-def run_one(work: Path, urls: Path, executor: str) -> tuple[float, str, list[dict], dict] | None:
+def run_one(work: Path, urls: Path, executor: str) -> tuple[float, str, list[dict], dict, CpuMeter] | None:
     for sub in ("manifests", "media", "shards"):
         shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -150,20 +150,21 @@ def run_one(work: Path, urls: Path, executor: str) -> tuple[float, str, list[dic
                       "shard_root": str(work / "shards"), "weights": "random", "executor": executor},
               "ingest": {"inputs": [str(urls)]}, **SETTINGS}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(work / "config.yaml"),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = Sampler(proc.pid, work / "media")
-    sampler.start()
-    log = proc.communicate()[0]
-    wall = time.monotonic() - started
+    with CpuMeter() as cpu:
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "-c", str(work / "config.yaml"),
+                                 "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sampler = Sampler(proc.pid, work / "media")
+        sampler.start()
+        log = proc.communicate()[0]
+        wall = time.monotonic() - started
     sampler.stop.set()
     sampler.join()
     (work / "run.log").write_text(log)
     if proc.returncode != 0:
         print(log[-4000:])
         return None
-    return wall, log, sampler.samples, outcome(work)
+    return wall, log, sampler.samples, outcome(work), cpu
 
 
 def outcome(work: Path) -> dict:
@@ -178,9 +179,9 @@ def outcome(work: Path) -> dict:
     return {"statuses": statuses, "samples": {k for info in read_shards(work / "shards").values() for k in info.keys}}
 
 
-def report(n: int, executor: str, wall: float, log: str, samples: list[dict]) -> None:
+def report(n: int, executor: str, wall: float, log: str, samples: list[dict], cpu: CpuMeter) -> None:
     print(f"\n### load ({executor}): {n} candidates through ingest → shards in {wall / 60:.1f} min "
-          f"({n / wall:.2f} candidates/s end to end)\n")
+          f"({n / wall:.2f} candidates/s end to end; machine CPU over the run: {cpu.describe()})\n")
     print("| stage | rows | statuses | seconds | rows/s |")
     print("|---|---:|---|---:|---:|")
     for stage, rows, statuses, seconds, rate in SUMMARY.findall(log):
@@ -199,12 +200,17 @@ def report(n: int, executor: str, wall: float, log: str, samples: list[dict]) ->
 
 
 def compare(n: int, results: dict) -> int:
-    (stream_s, _, stream_samples, ours), (stages_s, _, stages_samples, theirs) = results["stream"], results["stages"]
+    (stream_s, _, stream_samples, ours, stream_cpu), (stages_s, _, stages_samples, theirs, stages_cpu) = (
+        results["stream"], results["stages"])
     peak = {name: max((s["media_bytes"] for s in samples), default=0) / 1e6
             for name, samples in (("stream", stream_samples), ("stages", stages_samples))}
     print(f"\n### streaming vs stage after stage, {n} candidates, same corpus, one after the other\n")
     print(f"wall: streaming {stream_s / 60:.1f} min, stage after stage {stages_s / 60:.1f} min "
           f"({stages_s / stream_s:.2f}× in streaming's favour)")
+    print(f"machine CPU: streaming {stream_cpu.describe()}; stage after stage {stages_cpu.describe()}")
+    if stages_cpu.fraction == stages_cpu.fraction:
+        print(f"ceiling: stage after stage kept {stages_cpu.fraction:.0%} of the cores busy, so streaming the same "
+              f"work on this machine is at most {1 / max(stages_cpu.fraction, 1e-9):.2f}× it")
     print(f"peak media (downloads + stems) on disk: streaming {peak['stream']:.0f} MB, stage after stage "
           f"{peak['stages']:.0f} MB ({peak['stages'] / max(peak['stream'], 1e-9):.1f}×); at the end: streaming "
           f"{stream_samples[-1]['media_bytes'] / 1e6:.0f} MB, stage after stage {stages_samples[-1]['media_bytes'] / 1e6:.0f} MB")
@@ -215,7 +221,8 @@ def compare(n: int, results: dict) -> int:
     record(f"streaming vs stage after stage ({n:,} candidates)",
            f"streaming `discomv run`: {stream_s / 60:.1f} min, peak media on disk {peak['stream']:.0f} MB",
            f"run.executor=stages: {stages_s / 60:.1f} min, peak media on disk {peak['stages']:.0f} MB",
-           stages_s / stream_s, "same statuses and shard samples" if same else "OUTCOMES DIFFER")
+           stages_s / stream_s, ("same statuses and shard samples" if same else "OUTCOMES DIFFER")
+           + f"; CPU busy: streaming {stream_cpu.fraction:.0%}, stage after stage {stages_cpu.fraction:.0%}")
     return 0 if same else 1
 
 

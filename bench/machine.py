@@ -42,3 +42,50 @@ def record(stage: str, ours: str, baseline: str, ratio: float | None, note: str 
         with open(target, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return row
+
+
+class CpuMeter:
+    """The machine's busy CPU-seconds over a span (Linux /proc/stat: every process, this one's
+    children and anything else running), for the ceiling a benchmark states: a runner that keeps
+    a fraction `u` of the cores busy can be beaten by at most 1/u by any other runner doing at least
+    its CPU work on the same machine.
+
+        with CpuMeter() as cpu: ...
+        cpu.busy_s, cpu.fraction
+    """
+
+    def __init__(self) -> None:
+        self.busy_s = float("nan")
+        self.fraction = float("nan")
+
+    def __enter__(self) -> CpuMeter:
+        self._start = (_busy_ticks(), _monotonic())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ticks, now = _busy_ticks(), _monotonic()
+        if ticks is None or self._start[0] is None:
+            return
+        self.busy_s = (ticks - self._start[0]) / os.sysconf("SC_CLK_TCK")
+        self.fraction = self.busy_s / max((now - self._start[1]) * (os.cpu_count() or 1), 1e-9)
+
+    def describe(self) -> str:
+        if self.busy_s != self.busy_s:  # NaN: no /proc/stat here
+            return "CPU busy: not measured (Linux /proc/stat only)"
+        return f"{self.busy_s:.0f} CPU-s, {self.fraction:.0%} of {os.cpu_count()} cores busy"
+
+
+def _busy_ticks() -> int | None:
+    """Ticks every core spent not idle since boot: user, nice, system, irq, softirq, steal."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()

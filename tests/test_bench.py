@@ -93,3 +93,18 @@ def test_run_script_collects_recorded_rows_and_exit_code(run_all, tmp_path: Path
     good, bad = run_all.run_script("good", quick=False), run_all.run_script("bad", quick=False)
     assert good.exit_code == 0 and good.rows == [json.loads(json.dumps(row("good")))]
     assert bad.exit_code == 4 and bad.rows == [] and bad.tail[-1] == "about to fail"
+
+
+def test_cpu_meter_counts_a_busy_thread_and_an_idle_sleep(bench_module):
+    import time
+
+    machine = bench_module("machine")
+    with machine.CpuMeter() as busy:
+        until = time.monotonic() + 0.6
+        while time.monotonic() < until:
+            pass
+    assert busy.busy_s >= 0.4  # this thread alone kept one core busy; other load only adds
+    assert 0 < busy.fraction <= 1.05
+    assert "cores busy" in busy.describe()
+    untouched = machine.CpuMeter()
+    assert "not measured" in untouched.describe()  # never entered: no figures invented
