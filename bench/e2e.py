@@ -18,7 +18,9 @@ model=hiera_test_16x224).
 
 All three write their own media and shards; the shard samples must be the same keys, and the
 per-stage status counts must agree, or this exits 1. Rates: candidate videos per wall second, and hours of
-downloaded audio per wall hour.
+downloaded audio per wall hour. Each runner's busy CPU over its run (the whole machine, /proc/stat)
+is printed beside it, with the ceiling the loop's sets: a loop keeping a fraction u of the cores
+busy can be beaten by at most 1/u by any executor doing its work on this machine.
 """
 
 from __future__ import annotations

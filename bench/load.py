@@ -8,7 +8,8 @@ the workers, and open descriptors early vs late in the run (growth would be a le
 
 By default the corpus runs twice, one run after the other: the streaming `discomv run`, then
 `run.executor=stages` (stage after stage); it prints both, their wall-time ratio, the peak bytes of
-media on disk during each (sampled once a second), and whether every stage's statuses and the shard
+media on disk during each (sampled once a second), each run's busy CPU (the whole machine) with the
+ceiling stage after stage's sets for streaming, and whether every stage's statuses and the shard
 samples are the same (exit 1 if not).
 
 Small models through the real code paths (as tests/test_crash.py): the figure is about the spine
