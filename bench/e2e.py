@@ -189,8 +189,8 @@ def compare(n_videos: int, fast: bool, work: Path) -> int:
             runs.append((label, seconds, cpu, pipeline_outcome(config), *shard_keys(config)))
         loop_config = write_run_config(work / "loop", inputs, fast)
         loop_out = work / "loop" / "outcome.json"
-        loop_s, loop_cpu = timed_process([sys.executable, str(Path(__file__).resolve()), "--loop-config", str(loop_config),
-                                "--loop-out", str(loop_out)], env)
+        loop_s, loop_cpu = timed_process([sys.executable, str(Path(__file__).resolve()), "--loop-config",
+                                          str(loop_config), "--loop-out", str(loop_out)], env)
     runs.append(("plain loop, one video at a time, one process", loop_s, loop_cpu, json.loads(loop_out.read_text()),
                  *shard_keys(loop_config)))
     return report(len(entries), fast, header, runs)
@@ -213,7 +213,8 @@ def report(candidates: int, fast: bool, header: str, runs: list[tuple]) -> int:
         print(f"per-stage statuses, {label}: {outcome['statuses']}")
     print(f"streaming / plain loop: {loop_s / stream_s:.2f}×; streaming / stage after stage: {stages_s / stream_s:.2f}×; "
           f"downloaded audio {ours['audio_s']:.0f} s\nmachine: {header}")
-    print(ceiling(loop_cpu))
+    print(loop_cpu.ceiling("the plain loop") + "; more than that needs work on other resources at once "
+          "(GPU stages, downloads waiting on the network)")
     problems = []
     for label, _, _, outcome, run_keys, _ in runs[1:]:
         if run_keys != keys:
@@ -235,15 +236,6 @@ def report(candidates: int, fast: bool, header: str, runs: list[tuple]) -> int:
            f"({loop_s:.0f} s)", loop_s / stream_s, "same shard samples and per-stage statuses in all three; "
            f"the loop kept {loop_cpu.fraction:.0%} of the cores busy")
     return 0
-
-
-def ceiling(loop_cpu: CpuMeter) -> str:
-    """What the loop's CPU use allows any executor on this machine (see CpuMeter)."""
-    if loop_cpu.fraction != loop_cpu.fraction:
-        return "ceiling: not measured (no /proc/stat)"
-    return (f"ceiling: the plain loop kept {loop_cpu.fraction:.0%} of the cores busy, so on this machine any "
-            f"executor doing at least its CPU work is at most {1 / max(loop_cpu.fraction, 1e-9):.2f}× the loop; "
-            "more than that needs work on other resources at once (GPU stages, downloads waiting on the network)")
 
 
 if __name__ == "__main__":

@@ -209,9 +209,7 @@ def compare(n: int, results: dict) -> int:
     print(f"wall: streaming {stream_s / 60:.1f} min, stage after stage {stages_s / 60:.1f} min "
           f"({stages_s / stream_s:.2f}× in streaming's favour)")
     print(f"machine CPU: streaming {stream_cpu.describe()}; stage after stage {stages_cpu.describe()}")
-    if stages_cpu.fraction == stages_cpu.fraction:
-        print(f"ceiling: stage after stage kept {stages_cpu.fraction:.0%} of the cores busy, so streaming the same "
-              f"work on this machine is at most {1 / max(stages_cpu.fraction, 1e-9):.2f}× it")
+    print(stages_cpu.ceiling("stage after stage"))
     print(f"peak media (downloads + stems) on disk: streaming {peak['stream']:.0f} MB, stage after stage "
           f"{peak['stages']:.0f} MB ({peak['stages'] / max(peak['stream'], 1e-9):.1f}×); at the end: streaming "
           f"{stream_samples[-1]['media_bytes'] / 1e6:.0f} MB, stage after stage {stages_samples[-1]['media_bytes'] / 1e6:.0f} MB")

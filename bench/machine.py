@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -51,28 +53,39 @@ class CpuMeter:
     its CPU work on the same machine.
 
         with CpuMeter() as cpu: ...
-        cpu.busy_s, cpu.fraction
+        cpu.busy_s, cpu.fraction, cpu.ceiling("the plain loop")
     """
 
     def __init__(self) -> None:
-        self.busy_s = float("nan")
-        self.fraction = float("nan")
+        self.busy_s = math.nan
+        self.fraction = math.nan
+
+    @property
+    def measured(self) -> bool:
+        return not math.isnan(self.fraction)
 
     def __enter__(self) -> CpuMeter:
-        self._start = (_busy_ticks(), _monotonic())
+        self._start = (_busy_ticks(), time.monotonic())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        ticks, now = _busy_ticks(), _monotonic()
+        ticks, now = _busy_ticks(), time.monotonic()
         if ticks is None or self._start[0] is None:
             return
         self.busy_s = (ticks - self._start[0]) / os.sysconf("SC_CLK_TCK")
         self.fraction = self.busy_s / max((now - self._start[1]) * (os.cpu_count() or 1), 1e-9)
 
     def describe(self) -> str:
-        if self.busy_s != self.busy_s:  # NaN: no /proc/stat here
+        if not self.measured:
             return "CPU busy: not measured (Linux /proc/stat only)"
         return f"{self.busy_s:.0f} CPU-s, {self.fraction:.0%} of {os.cpu_count()} cores busy"
+
+    def ceiling(self, runner: str) -> str:
+        """The most any other runner doing at least this one's CPU work could gain on this machine."""
+        if not self.measured:
+            return f"ceiling: not measured ({self.describe()})"
+        return (f"ceiling: {runner} kept {self.fraction:.0%} of the cores busy, so on this machine any runner "
+                f"doing at least its CPU work is at most {1 / max(self.fraction, 1e-9):.2f}× it")
 
 
 def _busy_ticks() -> int | None:
@@ -83,9 +96,3 @@ def _busy_ticks() -> int | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
     return user + nice + system + irq + softirq + steal
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()

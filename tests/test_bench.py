@@ -95,7 +95,7 @@ def test_run_script_collects_recorded_rows_and_exit_code(run_all, tmp_path: Path
     assert bad.exit_code == 4 and bad.rows == [] and bad.tail[-1] == "about to fail"
 
 
-def test_cpu_meter_counts_a_busy_thread_and_an_idle_sleep(bench_module):
+def test_cpu_meter_counts_a_busy_thread_and_invents_nothing_unmeasured(bench_module):
     import time
 
     machine = bench_module("machine")
@@ -108,3 +108,5 @@ def test_cpu_meter_counts_a_busy_thread_and_an_idle_sleep(bench_module):
     assert "cores busy" in busy.describe()
     untouched = machine.CpuMeter()
     assert "not measured" in untouched.describe()  # never entered: no figures invented
+    assert "not measured" in untouched.ceiling("a runner")
+    assert f"{1 / busy.fraction:.2f}×" in busy.ceiling("a runner")
